@@ -449,7 +449,8 @@ def _parse_json(body):
 
 def _snippet(reply):
     kind = _clean(reply.headers.get("content-type", "no content type").split(";")[0], 40)
-    text = _clean(re.sub(r"\s+", " ", reply.body[:300].decode("utf-8", "replace")), 80)
+    text = reply.body[:600].decode("utf-8", "replace")
+    text = _clean(re.sub(r"\s+", " ", re.sub(r"<[^>]*>?", " ", text)).strip(), 80)  # tags are noise in a log
     return "%s: %s" % (kind, text) if text else kind
 
 

@@ -1,0 +1,345 @@
+"""Unit tests: the pure classification of API answers, the identity rule, the request budget,
+and the verification flow driven with a virtual clock (no sockets, no real time). HTTP-level
+unit tests stub `requests` with `responses`."""
+
+import json
+
+import pytest
+import responses
+
+from asemu import load_script
+from conftest import MAIN
+
+API = "https://api.ivalt.test"
+
+
+@pytest.fixture(scope="module")
+def m():
+    script = load_script(MAIN, env={"IVALT_SECRET_KEY": "unit-key-123", "IVALT_API_URL": API, "IVALT_CONFIG": "/nonexistent-ivalt-config.py"})
+    yield script.ns
+    script.ns["shutdown"]()
+
+
+def reply(m, status, body=None, headers=None, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    return m["Reply"](status, dict({"Content-Type": "application/json"}, **(headers or {})), data)
+
+
+def envelope_error(status, detail, title="Not Found"):
+    return {"data": None, "error": {"type": "https://httpstatuses.com/%d" % status, "title": title,
+                                    "status": status, "detail": detail}, "debug": {}}
+
+
+# ----------------------------------------------------------------------------- classification
+
+def test_poll_answers(m):
+    classify = m["classify_poll"]
+    approved = {"data": {"status": True, "message": "Biometric Authentication successfully done.", "details": {}}}
+    assert classify(reply(m, 200, approved)).kind == "approved"
+    assert classify(reply(m, 200, {"data": {"message": "no status member"}})).kind == "approved"
+    pending = envelope_error(404, "The mobile number provided (+15551234567) was not found.")
+    assert classify(reply(m, 404, pending)).kind == "pending"
+    assert classify(reply(m, 422, {"error": {"detail": "pending"}})).kind == "pending"
+    tz = classify(reply(m, 403, envelope_error(403, "You are not within the timezone.", "Invalid details")))
+    assert (tz.kind, tz.final) == ("invalid_timezone", True)
+    geo = classify(reply(m, 403, envelope_error(403, "You are not within the geofencing location.", "Invalid details")))
+    assert geo.kind == "invalid_geofence"
+    assert classify(reply(m, 401, envelope_error(401, "Denied - User denied biometric authentication."))).kind == "denied"
+    assert classify(reply(m, 400, envelope_error(400, "Denied - no"))).kind == "denied"
+    assert classify(reply(m, 403, {"message": "Forbidden"})).kind == "bad_key"
+    assert classify(reply(m, 403, {"message": "Invalid secret key"})).kind == "bad_key"
+
+
+@pytest.mark.parametrize("body", [
+    {"data": None},
+    {"data": {"status": False}},
+    {"data": {"status": "true"}},
+    {"data": {"status": True}, "error": {"detail": "but an error too"}},
+    [],
+    "approved",
+    {},
+])
+def test_a_200_is_not_an_approval_unless_it_says_so(m, body):
+    answer = m["classify_poll"](reply(m, 200, body))
+    assert answer.kind != "approved" and not answer.final
+
+
+@pytest.mark.parametrize("status, body, content_type, kind, fail_open", [
+    (500, b"<html><body>Internal Server Error</body></html>", "text/html", "unavailable", True),
+    (502, b"Bad Gateway", "text/plain", "unavailable", True),
+    (503, b'{"message": "Service Unavailable"}', "application/json", "unavailable", True),
+    (504, b"<html>504 Gateway Time-out</html>", "text/html", "unavailable", True),
+    (200, b"{not json", "application/json", "unavailable", True),
+    (302, b"", "text/html", "unavailable", True),
+    (429, b'{"message": "Too Many Requests"}', "application/json", "throttled", False),
+])
+def test_outages_are_transient_for_every_endpoint(m, status, body, content_type, kind, fail_open):
+    for classify in ("classify_lookup", "classify_push", "classify_poll"):
+        answer = m[classify](m["Reply"](status, {"Content-Type": content_type, "Location": "https://evil.example/x"}, body))
+        assert (answer.kind, answer.final, answer.fail_open) == (kind, False, fail_open), classify
+        assert "<html>" not in answer.detail
+
+
+def test_lookup_answers(m):
+    classify = m["classify_lookup"]
+    found = {"data": {"status": True, "details": {"mobile_with_country_code": "+15551234567"}}}
+    answer = classify(reply(m, 200, found))
+    assert (answer.kind, answer.value) == ("mobile", "+15551234567")
+    missing = classify(reply(m, 404, envelope_error(404, "The email provided (a@b.c) was not found")))
+    assert (missing.kind, missing.detail) == ("not_enrolled", "The email provided (a@b.c) was not found")
+    listed = classify(reply(m, 422, {"error": {"detail": [{"msg": "email invalid"}, "second"]}}))
+    assert (listed.kind, listed.detail) == ("not_enrolled", "email invalid; second")
+    for shape in ({"data": None}, {"data": {"details": None}}, {"data": {"details": {"mobile_with_country_code": 15551234567}}},
+                  {"data": {"details": {"mobile_with_country_code": "call me"}}}):
+        assert classify(reply(m, 200, shape)).kind == "unexpected"
+
+
+def test_push_answers(m):
+    classify = m["classify_push"]
+    assert classify(reply(m, 200, {"data": {"status": True, "message": "sent"}})).kind == "sent"
+    assert classify(reply(m, 200, {"data": {"status": False, "message": "no"}})).kind == "unexpected"
+    nodev = classify(reply(m, 404, envelope_error(404, "The mobile number provided (+15551234567) was not found.")))
+    assert nodev.kind == "not_enrolled"
+
+
+def test_retry_after(m):
+    parse = m["parse_retry_after"]
+    assert parse("7") == 7.0
+    assert parse(None) is None and parse("soon") is None
+    assert 0 <= parse("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+@pytest.mark.parametrize("exception, kind, sent", [
+    ("ConnectTimeout", "connect timeout", False),
+    ("ReadTimeout", "read timeout", True),
+])
+def test_transport_errors(m, exception, kind, sent):
+    import requests
+
+    error = m["describe_transport_error"](getattr(requests.exceptions, exception)("x"))
+    assert (error.kind, error.sent) == (kind, sent)
+
+
+# ----------------------------------------------------------------------------- identity
+
+@pytest.mark.parametrize("username", ["alice", "alice ", " Alice", "ALICE", "EXAMPLE\\alice", "alice@example.com",
+                                      "Alice@Example.COM"])
+def test_username_variants_are_one_identity(m, username):
+    assert m["email_from_username"](username, "example.com") == ("alice@example.com", None)
+
+
+@pytest.mark.parametrize("username", ["", "   ", None, 42, "a" * 10000, "ali\x00ce", "alice\r", "alice\nid=forged",
+                                      "al ice", "@", "a@b@c", b"alice"])
+def test_unusable_usernames(m, username):
+    email, problem = m["email_from_username"](username, "example.com")
+    assert email is None and problem
+
+
+def test_without_email_domain_the_name_is_used_as_is(m):
+    assert m["email_from_username"]("bob", "") == ("bob", None)
+
+
+def test_masking(m):
+    assert m["mask_mobile"]("call +15551234567 now") == "call +*********67 now"
+    assert m["mask_email"]("alice@example.com") == "al***@example.com"
+
+
+# ----------------------------------------------------------------------------- request budget
+
+def test_gate_caps_every_window(m):
+    gate = m["RequestGate"](20, burst=5)
+    starts = [gate.reserve(0.0, 100.0) for _ in range(200)]
+    assert starts == sorted(starts)
+    for first in range(len(starts)):
+        in_window = [s for s in starts if starts[first] <= s < starts[first] + 1.0]
+        assert len(in_window) <= 20 + 5
+    assert starts[-1] == pytest.approx((200 - 5) / 20.0)
+
+
+def test_gate_pause_and_latest(m):
+    gate = m["RequestGate"](10)
+    gate.pause_until(5.0)
+    assert gate.reserve(1.0, 10.0) == 5.0
+    assert gate.reserve(1.0, 2.0) is None
+
+
+# ----------------------------------------------------------------------------- flow, virtual clock
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def settings(m, **overrides):
+    inline = {"IVALT_SECRET_KEY": "unit-key-123", "IVALT_API_URL": API, "DEADLINE_SECONDS": 60,
+              "POLL_INTERVAL_SECONDS": 1.0, "CONFIG_PATH": ""}
+    inline.update(overrides)
+    merged = dict(m["_SETTINGS"].__dict__)
+    loaded = m["load_settings"](dict({k.upper(): v for k, v in merged.items()}, **inline), {})
+    assert not loaded.errors, loaded.errors
+    return loaded
+
+
+def simulate(m, answers, latency=0.1, **overrides):
+    """Drive verify() with a virtual clock. `answers`: step -> list of Reply (last one repeats).
+    Returns (verdict, attempt, calls: list of (time, step))."""
+    clock = Clock()
+    config = settings(m, **overrides)
+    attempt = m["Attempt"]("alice@example.com", 0.0, config.deadline_seconds)
+    flow = m["verify"](attempt, config, m["RequestGate"](1000), m["WaitingLogins"](), clock)
+    calls, value = [], None
+    queues = {step: list(replies) for step, replies in answers.items()}
+    try:
+        while True:
+            effect = flow.send(value)
+            if isinstance(effect, m["Sleep"]):
+                clock.now += effect.seconds
+                value = None
+            else:
+                assert effect.timeout <= attempt.deadline - clock.now + 1e-9  # bounded by the time left
+                calls.append((clock.now, effect.step))
+                queue = queues[effect.step]
+                value = queue.pop(0) if len(queue) > 1 else queue[0]
+                clock.now += latency
+    except StopIteration as stop:
+        return stop.value, attempt, calls
+
+
+def found(m):
+    return reply(m, 200, {"data": {"details": {"mobile_with_country_code": "+15551234567"}}})
+
+
+def sent(m):
+    return reply(m, 200, {"data": {"status": True}})
+
+
+def pending(m):
+    return reply(m, 404, envelope_error(404, "The mobile number provided (+15551234567) was not found."))
+
+
+def approved(m):
+    return reply(m, 200, {"data": {"status": True}})
+
+
+def test_flow_polls_every_second_until_approved(m):
+    verdict, attempt, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)],
+                                           "poll": [pending(m)] * 5 + [approved(m)]})
+    assert verdict.outcome == "approved"
+    polls = [t for t, step in calls if step == "poll"]
+    assert polls[0] == pytest.approx(0.2)  # right after the push was accepted
+    assert [round(b - a, 6) for a, b in zip(polls, polls[1:])] == [1.0] * 5
+    assert attempt.pushes == 1 and attempt.calls == 8
+
+
+def test_flow_times_out_at_the_deadline(m):
+    verdict, attempt, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [pending(m)]},
+                                       DEADLINE_SECONDS=10)
+    assert verdict.outcome == "timed_out"
+    assert calls[-1][0] < 10 and attempt.pushes == 1
+
+
+def test_flow_outage_clears_within_the_deadline(m):
+    outage = reply(m, 503, raw=b"<html>503</html>", headers={"Content-Type": "text/html"})
+    verdict, _, _ = simulate(m, {"lookup": [outage, outage, found(m)], "push": [sent(m)],
+                                 "poll": [outage, outage, pending(m), approved(m)]})
+    assert verdict.outcome == "approved"
+
+
+def test_flow_never_resends_a_push_that_may_have_arrived(m):
+    timeout = m["Reply"](error=m["TransportError"]("read timeout", sent=True))
+    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [timeout, sent(m)], "poll": [approved(m)]})
+    assert verdict.outcome == "unavailable" and "not sent again" in verdict.detail
+    assert attempt.pushes == 1
+
+
+def test_flow_retries_a_push_that_never_left(m):
+    refused = m["Reply"](error=m["TransportError"]("connection refused", sent=False))
+    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [refused, sent(m)], "poll": [approved(m)]})
+    assert verdict.outcome == "approved" and attempt.pushes == 2  # the first one never reached iVALT
+
+
+def test_flow_late_approval_is_not_a_success(m):
+    # the poll leaves at 1.4 s with 0.6 s left; its approval comes back at 2.1 s, after the deadline
+    verdict, _, _ = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [approved(m)]},
+                             latency=0.7, DEADLINE_SECONDS=2, POLL_INTERVAL_SECONDS=0.25)
+    assert verdict.outcome == "timed_out" and "after" in verdict.detail
+
+
+def test_flow_outage_after_pending_is_not_fail_open(m):
+    outage = reply(m, 502, raw=b"Bad Gateway", headers={"Content-Type": "text/plain"})
+    verdict, _, _ = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [pending(m), outage]},
+                             DEADLINE_SECONDS=5)
+    assert verdict.outcome == "unavailable" and not verdict.fail_open_eligible
+
+
+def test_flow_outage_before_any_answer_is_fail_open_eligible(m):
+    outage = reply(m, 502, raw=b"Bad Gateway", headers={"Content-Type": "text/plain"})
+    verdict, _, _ = simulate(m, {"lookup": [outage]}, DEADLINE_SECONDS=5)
+    assert verdict.outcome == "unavailable" and verdict.fail_open_eligible
+
+
+def test_flow_throttle_longer_than_the_time_left_ends_now(m):
+    throttled = reply(m, 429, {"message": "Too Many Requests"}, headers={"Retry-After": "120"})
+    verdict, _, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [throttled]})
+    assert verdict.outcome == "throttled" and len(calls) == 3
+
+
+def test_flow_throttle_is_honoured(m):
+    throttled = reply(m, 429, {"message": "Too Many Requests"}, headers={"Retry-After": "3"})
+    verdict, _, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [throttled, approved(m)]})
+    polls = [t for t, step in calls if step == "poll"]
+    assert verdict.outcome == "approved" and polls[1] - polls[0] >= 3.0
+
+
+def test_one_waiting_login_per_user(m):
+    waiting = m["WaitingLogins"]()
+    assert waiting.claim("+1555", "first") is None
+    assert waiting.claim("+1555", "second") == "first"
+    waiting.release("+1555", "second")  # not the holder: no effect
+    assert waiting.claim("+1555", "third") == "first"
+    waiting.release("+1555", "first")
+    assert waiting.claim("+1555", "third") is None
+
+
+# ----------------------------------------------------------------------------- HTTP, stubbed
+
+@responses.activate
+def test_api_client_sends_the_key_only_in_its_header(m):
+    responses.add(responses.POST, API + "/get-user-by-email", json={"data": {"details": {"mobile_with_country_code": "+15551234567"}}})
+    client = m["ApiClient"](m["_SETTINGS"])
+    result = client.perform(m["Call"]("lookup", {"email": "alice@example.com"}, 5.0))
+    assert result.status == 200 and result.error is None
+    sent_request = responses.calls[0].request
+    assert sent_request.headers["x-api-key"] == "unit-key-123"
+    assert json.loads(sent_request.body) == {"email": "alice@example.com"}
+    assert "unit-key-123" not in sent_request.url and b"unit-key-123" not in sent_request.body
+
+
+@responses.activate
+def test_api_client_turns_exceptions_into_replies(m):
+    import requests
+
+    responses.add(responses.POST, API + "/biometric-auth-request", body=requests.exceptions.ConnectionError("Connection refused"))
+    result = m["ApiClient"](m["_SETTINGS"]).perform(m["Call"]("push", {"mobile": "+1"}, 5.0))
+    assert result.error.kind == "connection refused" and result.error.sent is False
+
+
+@responses.activate
+def test_blocking_driver_runs_the_whole_flow(m):
+    responses.add(responses.POST, API + "/get-user-by-email", json={"data": {"details": {"mobile_with_country_code": "+15551234567"}}})
+    responses.add(responses.POST, API + "/biometric-auth-request", json={"data": {"status": True}})
+    responses.add(responses.POST, API + "/biometric-geo-fence-auth-results", status=404,
+                  json=envelope_error(404, "The mobile number provided (+15551234567) was not found."))
+    responses.add(responses.POST, API + "/biometric-geo-fence-auth-results", json={"data": {"status": True}})
+    import time
+
+    config = settings(m, POLL_INTERVAL_SECONDS=0.25)
+    attempt = m["Attempt"]("alice@example.com", time.monotonic(), time.monotonic() + 5)
+    flow = m["verify"](attempt, config, m["RequestGate"](1000), m["WaitingLogins"](), time.monotonic)
+    verdict = m["run_blocking"](flow, m["ApiClient"](config).perform)
+    assert verdict.outcome == "approved"
+    assert [c.request.url.rsplit("/", 1)[1] for c in responses.calls] == [
+        "get-user-by-email", "biometric-auth-request", "biometric-geo-fence-auth-results", "biometric-geo-fence-auth-results"]
