@@ -463,7 +463,7 @@ def _error_detail(body):
     if isinstance(detail, list):
         detail = "; ".join(str(item.get("msg", item) if isinstance(item, dict) else item) for item in detail)
     if not isinstance(detail, str) or not detail.strip():
-        detail = error.get("title") if isinstance(error.get("title"), str) else "HTTP %s" % error.get("status", "?")
+        detail = error.get("title") if isinstance(error.get("title"), str) else "(no detail given)"
     return _clean(detail, 200)
 
 
@@ -677,7 +677,7 @@ class Attempt:
         self.deadline = deadline
         self.id = login_id or new_login_id()
         self.calls = 0
-        self.pushes = 0
+        self.pushes = 0  # pushes that may have reached the phone (not counting refused or throttled ones)
         self.steps = []  # (step, Answer, seconds) per call, for the debug log and the CLI summary
 
 
@@ -724,9 +724,9 @@ def _call(attempt, settings, gate, clock, step, payload):
     if left <= 0.05:
         return None
     attempt.calls += 1
-    if step == "push":
-        attempt.pushes += 1
     reply = yield Call(step, payload, min(settings.call_timeout_seconds, left))
+    if step == "push" and reply.status != 429 and (reply.error is None or reply.error.sent):
+        attempt.pushes += 1  # this one may have reached the phone
     return reply
 
 
@@ -804,6 +804,8 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
         else:
             last_fault = answer
         next_poll = sent_at + settings.poll_interval_seconds
+        if next_poll > attempt.deadline - 0.3 > sent_at + 0.1:
+            next_poll = attempt.deadline - 0.3  # one last look just before the deadline
     if last_fault is not None:
         verdict = _verdict_for(last_fault, attempt, stage="poll")
         if user_reached:  # the user may have answered: an outage now is no reason to let anyone in

@@ -12,6 +12,8 @@ from fake_ivalt import FakeIvalt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(ROOT, "main.py")
 API_KEY = "test-key-QX7yW2"
+# A password every emulated login carries unless a test gives another: it must never be printed.
+PASSWORD = "Pa55-w0rd-NEVER-LOGGED"
 
 # The fake's users: address -> (mobile, behaviour, seconds from push to answer, pending style)
 USERS = {
@@ -82,6 +84,7 @@ def settings_for(url, mode="thread", **overrides):
         WAIT_MODE=mode,
         REQUEST_BUDGET_PER_SECOND=1000,
         CALL_TIMEOUT_SECONDS=2,
+        LOG_LEVEL="debug",  # the most talkative level: the secrets check below covers every line
     )
     settings.update(overrides)
     return settings
@@ -95,3 +98,34 @@ def access_server(fake, load_main, mode):
         return AccessServer(load_main(**settings_for(url or fake.url, mode, **overrides)))
 
     return make
+
+
+def _secrets():
+    return [API_KEY, PASSWORD] + [mobile for mobile, _, _, _ in USERS.values()] + [
+        mobile.lstrip("+") for mobile, _, _, _ in USERS.values()]
+
+
+@pytest.fixture(autouse=True)
+def no_secrets_anywhere(capfd, monkeypatch):
+    """Every test: no API key, password or full mobile number in any line main.py prints, nor in
+    any reason or client_reason an emulated login returns."""
+    results = []
+    original = AccessServer.build_call
+
+    def build_call(self, **kwargs):
+        if kwargs.get("password", "pw") == "pw":  # the emulation's default: use the recognisable one
+            kwargs["password"] = PASSWORD
+        result = original(self, **kwargs)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(AccessServer, "build_call", build_call)
+    yield
+    out, err = capfd.readouterr()
+    for secret in _secrets():
+        assert secret not in out and secret not in err, "a secret reached the log: %r" % secret
+    for result in results:
+        authret = result.authret if isinstance(getattr(result, "authret", None), dict) else {}
+        for field in ("reason", "client_reason"):
+            for secret in _secrets():
+                assert secret not in str(authret.get(field, "")), "%r in %s" % (secret, field)

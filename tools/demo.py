@@ -1,0 +1,66 @@
+"""A full simulated login for a few scripted users: the real main.py, loaded and called the way
+Access Server does it (tests/asemu.py), talking real HTTP to the fake iVALT API (tests/fake_ivalt.py).
+
+    tools/dev demo            # worker-thread mode (the default WAIT_MODE)
+    tools/dev demo --deferred # Deferred mode
+"""
+
+import argparse
+import os
+import stat
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from asemu import SUCCEED, AccessServer, load_script  # noqa: E402
+from fake_ivalt import FakeIvalt  # noqa: E402
+
+KEY = "demo-secret-key-0001"
+USERS = [  # username, e-mail in iVALT, mobile, what the user does, seconds after the push
+    ("alice", "alice@example.com", "+15550100001", "approve", 2.0),
+    ("bob", "bob@example.com", "+15550100002", "timezone", 1.5),
+    ("carol", "carol@example.com", "+15550100003", "geofence", 1.5),
+    ("dave", "dave@example.com", "+15550100004", "deny401", 2.5),
+    ("erin", "erin@example.com", "+15550100005", "never", 0.0),
+    ("mallory", None, None, None, None),  # not enrolled in iVALT
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deferred", action="store_true", help="WAIT_MODE deferred instead of thread")
+    parser.add_argument("--deadline", type=float, default=8.0, help="DEADLINE_SECONDS (default 8, production 60)")
+    args = parser.parse_args()
+    with FakeIvalt(api_key=KEY) as fake, tempfile.TemporaryDirectory() as folder:
+        for _, email, mobile, behaviour, after in USERS:
+            if email:
+                fake.add_user(email, mobile, behaviour=behaviour, after=after)
+        config = os.path.join(folder, "ivalt_config.py")
+        with open(config, "w") as handle:
+            handle.write("IVALT_SECRET_KEY = %r\nIVALT_API_URL = %r\nEMAIL_DOMAIN = 'example.com'\n"
+                         "DEADLINE_SECONDS = %r\nWAIT_MODE = %r\n"
+                         % (KEY, fake.url, args.deadline, "deferred" if args.deferred else "thread"))
+        os.chmod(config, stat.S_IRUSR | stat.S_IWUSR)
+        script = load_script(os.path.join(ROOT, "main.py"), env={"IVALT_CONFIG": config})
+        server = AccessServer(script)
+        print("fake iVALT API at %s; %d logins arrive at once (WAIT_MODE %s, deadline %gs)\n"
+              % (fake.url, len(USERS), "deferred" if args.deferred else "thread", args.deadline))
+        print("--- what main.py logs (Access Server writes it to /var/log/openvpnas.log) ---")
+        started = time.monotonic()
+        results = server.login_many([{"username": name} for name, *_ in USERS], timeout=args.deadline + 30)
+        print("\n--- outcomes (%.1fs in all) ---" % (time.monotonic() - started))
+        print("%-8s %-9s %-7s %-6s %-45s %s" % ("user", "does", "status", "time", "client_reason (user sees)", "pushes"))
+        for (name, _, mobile, behaviour, _), result in zip(USERS, results):
+            status = "SUCCEED" if result.authret.get("status") == SUCCEED else "FAIL"
+            print("%-8s %-9s %-7s %5.1fs %-45s %d" % (name, behaviour or "-", status, result.elapsed,
+                                                   result.authret.get("client_reason") or "-",
+                                                   fake.pushes_delivered.get(mobile, 0)))
+        script.ns["shutdown"]()
+        return 0 if results[0].authret.get("status") == SUCCEED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
