@@ -1059,7 +1059,9 @@ def _log(level, message, **fields):
     if key and len(key) >= 4:
         line = line.replace(key, "[key]")
     try:
-        print("ivalt-2fa: %s%s" % ("WARNING " if level == "warning" else "", line), flush=True)
+        # One write per line: print()'s separate newline lets threads interleave their lines.
+        sys.stdout.write("ivalt-2fa: %s%s\n" % ("WARNING " if level == "warning" else "", line))
+        sys.stdout.flush()
         if _SETTINGS.syslog:
             import syslog
 
