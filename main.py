@@ -1244,7 +1244,7 @@ def shutdown():
     _API.close()
 
 
-if _SETTINGS.errors:
+if _SETTINGS.errors and __name__ != "__main__":  # the command line reports them itself
     for _problem in _SETTINGS.errors:
         _log("warning", "configuration error, every login will be denied until it is fixed", problem=_problem)
 
@@ -1322,7 +1322,7 @@ def _cmd_check(args, out):
         times = [seconds for name, _, seconds in attempt.steps if name == step]
         if times:
             out.write("%s %d call%s %.2fs, " % (step, len(times), "" if len(times) == 1 else "s", sum(times)))
-    out.write("total %.2fs, %d API calls\n" % (total, attempt.calls))
+    out.write("total %.2fs, %d API call%s\n" % (total, attempt.calls, "" if attempt.calls == 1 else "s"))
     if verdict.outcome == APPROVED:
         return 0
     return 1 if verdict.outcome in USER_OUTCOMES else 2
@@ -1488,6 +1488,7 @@ def _run_commands(commands, dry_run, out):
 
     for command in commands:
         out.write("%s%s\n" % ("" if dry_run else "running: ", " ".join(shlex.quote(part) for part in command)))
+        out.flush()  # before the child writes to the same terminal or pipe
         if dry_run:
             continue
         try:
@@ -1580,6 +1581,9 @@ def cli(argv, out=None):
     except KeyboardInterrupt:
         out.write("\ninterrupted\n")
         return 2
+    except BrokenPipeError:  # e.g. `main.py doctor | head`: no traceback, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         shutdown()
 
