@@ -572,7 +572,7 @@ def classify_poll(reply):
     status = reply.status
     if status == 200:
         data = _data(body)
-        if data is not None and detail is None and data.get("status", True) is True:
+        if data is not None and not body.get("error") and data.get("status", True) is True:  # error: null on success
             return Answer(APPROVED)
         return Answer(UNEXPECTED, "the result poll answered 200 without an approval in it", final=False)
     if status == 401 or (detail or "").lower().startswith("denied"):
@@ -786,6 +786,11 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
         if reply is None:
             break
         answer = classify_poll(reply)
+        if answer.kind == APPROVED and not user_reached:
+            # The API names no request, only the mobile: an approval seen before iVALT has called
+            # this push pending may be left over from an earlier login. Do not take it for this one.
+            answer = Answer(UNEXPECTED, "an approval came before iVALT reported this request as pending (it may be "
+                            "left from an earlier request), not accepted", final=False)
         attempt.steps.append(("poll", answer, clock() - sent_at))
         observe(attempt, "poll", answer)
         if answer.kind == APPROVED:

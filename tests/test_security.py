@@ -63,7 +63,7 @@ def quick_script(tmp_path_factory):
     from conftest import MAIN, write_config
 
     with FakeIvalt(api_key=API_KEY) as server:
-        server.add_user("alice@example.com", "+15551230001", behaviour="approve", after=0.0)
+        server.add_user("alice@example.com", "+15551230001", behaviour="approve", after=0.1)
         server.add_user("tz@example.com", "+15551230002", behaviour="timezone", after=0.0)
         config = write_config(tmp_path_factory.mktemp("prop") / "c.py",
                               **settings_for(server.url, "thread", DEADLINE_SECONDS=1, LOG_LEVEL="info"))
@@ -123,9 +123,9 @@ def test_arbitrary_answers_never_approve_by_accident(endpoint, status, body):
 
     m = _main_ns()
     reply = m["Reply"](status, {"Content-Type": "application/json"}, json.dumps(body).encode())
-    normal = {"lookup": found(m), "push": sent(m),
-              "poll": m["Reply"](404, {}, b'{"error": {"detail": "The mobile number provided was not found."}}')}
-    normal[endpoint] = reply
+    pending = m["Reply"](404, {}, b'{"error": {"detail": "The mobile number provided was not found."}}')
+    normal = {"lookup": [found(m)], "push": [sent(m)], "poll": [pending]}
+    normal[endpoint] = [pending, reply] if endpoint == "poll" else [reply]  # an approval counts after pending
     clock = Clock()
     config = m["_SETTINGS"]
     attempt = m["Attempt"]("alice@example.com", 0.0, 5.0)
@@ -135,7 +135,11 @@ def test_arbitrary_answers_never_approve_by_accident(endpoint, status, body):
         while True:
             effect = flow.send(value)
             clock.now += effect.seconds if isinstance(effect, m["Sleep"]) else 0.05
-            value = None if isinstance(effect, m["Sleep"]) else normal[effect.step]
+            if isinstance(effect, m["Sleep"]):
+                value = None
+            else:
+                queue = normal[effect.step]
+                value = queue.pop(0) if len(queue) > 1 else queue[0]
     except StopIteration as stop:
         verdict = stop.value
     assert attempt.pushes <= 1
@@ -174,12 +178,15 @@ def test_arbitrary_answers_through_post_auth(quick_script, endpoint, status, bod
         result = script.ns["post_auth"](call.authcred, call.attributes, dict(call.authret_in), call.info)
     finally:
         server.clear_faults()
+    delivered = server.pushes_delivered.get("+15551230001", 0) - before
+    assert delivered <= 1
     if result["status"] == SUCCEED:
-        assert endpoint == "poll" and approves(status, body) and server.pushes_delivered.get("+15551230001", 0) == before + 1
+        # only the real flow: a push that reached alice's phone, and her approval after "pending"
+        # (e.g. a faulted lookup that still named her mobile). An approval-shaped poll answer
+        # from the very first poll is not taken: it could be left from an earlier push.
+        assert delivered == 1 and endpoint != "poll"
     else:
         assert result["status"] == FAIL
-        assert endpoint != "poll" or not approves(status, body)
-    assert server.pushes_delivered.get("+15551230001", 0) <= before + 1
 
 
 # ----------------------------------------------------------------------------- one approval, one login

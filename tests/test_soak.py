@@ -34,7 +34,7 @@ def test_two_thousand_logins_leak_nothing(fake, load_main, mode):
     kinds = (("approve", "approve"), ("tz", "timezone"), ("geo", "geofence"), ("deny", "deny401"), ("503", "approve"))
     for slot in range(BATCH):
         for number, (name, behaviour) in enumerate(kinds):
-            fake.add_user("soak%d-%s@example.com" % (slot, name), "+1555%03d%04d" % (number, slot), behaviour=behaviour)
+            fake.add_user("soak%d-%s@example.com" % (slot, name), "+1555%03d%04d" % (number, slot), behaviour=behaviour, after=0.3)
     server = AccessServer(load_main(**settings_for(fake.url, mode, DEADLINE_SECONDS=1, LOG_LEVEL="info")))
     samples = []
     done = 0

@@ -250,21 +250,32 @@ def test_flow_outage_clears_within_the_deadline(m):
 
 def test_flow_never_resends_a_push_that_may_have_arrived(m):
     timeout = m["Reply"](error=m["TransportError"]("read timeout", sent=True))
-    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [timeout, sent(m)], "poll": [approved(m)]})
+    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [timeout, sent(m)], "poll": [pending(m), approved(m)]})
     assert verdict.outcome == "unavailable" and "not sent again" in verdict.detail
     assert attempt.pushes == 1
 
 
 def test_flow_retries_a_push_that_never_left(m):
     refused = m["Reply"](error=m["TransportError"]("connection refused", sent=False))
-    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [refused, sent(m)], "poll": [approved(m)]})
+    verdict, attempt, _ = simulate(m, {"lookup": [found(m)], "push": [refused, sent(m)], "poll": [pending(m), approved(m)]})
     assert verdict.outcome == "approved" and attempt.pushes == 1  # the first one never reached iVALT
 
 
+def test_flow_approval_before_pending_is_not_taken_for_this_login(m):
+    # iVALT names results by mobile only: an approval already there when polling starts may be
+    # left over from an earlier push. It counts only after this request was seen pending.
+    verdict, _, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [approved(m)]},
+                                 DEADLINE_SECONDS=5)
+    assert verdict.outcome == "unexpected" and "before iVALT reported this request as pending" in verdict.detail
+    stale_then_fresh = [approved(m), pending(m), approved(m)]
+    verdict, _, _ = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": stale_then_fresh})
+    assert verdict.outcome == "approved"
+
+
 def test_flow_late_approval_is_not_a_success(m):
-    # the poll leaves at 1.4 s with 0.6 s left; its approval comes back at 2.1 s, after the deadline
-    verdict, _, _ = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [approved(m)]},
-                             latency=0.7, DEADLINE_SECONDS=2, POLL_INTERVAL_SECONDS=0.25)
+    # the second poll leaves at 1.65 s with 0.35 s left; its approval comes back at 2.2 s, too late
+    verdict, _, _ = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [pending(m), approved(m)]},
+                             latency=0.55, DEADLINE_SECONDS=2, POLL_INTERVAL_SECONDS=0.25)
     assert verdict.outcome == "timed_out" and "after" in verdict.detail
 
 
@@ -289,7 +300,7 @@ def test_flow_throttle_longer_than_the_time_left_ends_now(m):
 
 def test_flow_throttle_is_honoured(m):
     throttled = reply(m, 429, {"message": "Too Many Requests"}, headers={"Retry-After": "3"})
-    verdict, _, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [throttled, approved(m)]})
+    verdict, _, calls = simulate(m, {"lookup": [found(m)], "push": [sent(m)], "poll": [throttled, pending(m), approved(m)]})
     polls = [t for t, step in calls if step == "poll"]
     assert verdict.outcome == "approved" and polls[1] - polls[0] >= 3.0
 
