@@ -497,8 +497,11 @@ def _outage_or_gateway(reply):
         seconds = parse_retry_after(reply.headers.get("retry-after"))
         return Answer(THROTTLED, "throttled (HTTP 429)", final=False, value=seconds)
     if 300 <= status < 400:
+        # Not followed: the key goes to the configured host only. Not an outage either (the host
+        # answered): with a mistyped IVALT_API_URL that redirects, FAIL_MODE "open" must not
+        # let every login through.
         target = _clean(re.sub(r"^[a-z]+://([^/?#]*).*$", r"\1", reply.headers.get("location", "?")), 80)
-        return Answer(UNAVAILABLE, "HTTP %d redirect to %s, not followed" % (status, target), final=False, fail_open=True)
+        return Answer(UNAVAILABLE, "HTTP %d redirect to %s, not followed" % (status, target), final=False)
     if status >= 500:
         return Answer(UNAVAILABLE, "HTTP %d (%s)" % (status, _snippet(reply)), final=False, fail_open=True)
     body = _parse_json(reply.body)
@@ -551,7 +554,11 @@ def classify_push(reply):
         data = _data(body)
         if data is not None and data.get("status") is False:
             return Answer(UNEXPECTED, "the push was refused: %s" % _clean(data.get("message", "status false"), 120))
-        # Any other 200 may have reached the phone: go on and let the result poll decide.
+        if data is None or body.get("error"):
+            # Not the confirmation iVALT sends. It may still have reached the phone, so the flow
+            # will not send it again; polling a push that perhaps never went out would only make
+            # the user wait for the deadline, so the login ends here.
+            return Answer(UNEXPECTED, "the push answered 200 without a confirmation", final=False)
         return Answer(SENT)
     detail = _error_detail(body)
     if detail is not None and reply.status == 404:

@@ -70,7 +70,7 @@ def test_a_200_is_not_an_approval_unless_it_says_so(m, body):
     (503, b'{"message": "Service Unavailable"}', "application/json", "unavailable", True),
     (504, b"<html>504 Gateway Time-out</html>", "text/html", "unavailable", True),
     (200, b"{not json", "application/json", "unavailable", True),
-    (302, b"", "text/html", "unavailable", True),
+    (302, b"", "text/html", "unavailable", False),  # the host answered: no outage, never fail-open
     (429, b'{"message": "Too Many Requests"}', "application/json", "throttled", False),
 ])
 def test_outages_are_transient_for_every_endpoint(m, status, body, content_type, kind, fail_open):
