@@ -1143,8 +1143,9 @@ def _post_auth(authcred, attributes, authret, info, started):
     if method in ("session", "autologin"):  # token re-authentication, certificate-only profile
         _log("debug", "not a fresh login, no second factor asked", method=method)
         return _deliver(authret)
-    if not isinstance(authret, dict):
-        authret = {"status": FAIL}
+    primary_known = isinstance(authret, dict)
+    if not primary_known:
+        authret = {}  # filled in below as a FAIL: there is no primary result to add a factor to
     elif authret.get("status") != SUCCEED:
         return _deliver(authret)  # the primary login failed: nothing to add, nobody to push
     kind = "vpn" if attributes.get("vpn_auth") else "web"
@@ -1153,11 +1154,14 @@ def _post_auth(authcred, attributes, authret, info, started):
     email, problem = email_from_username(username, _SETTINGS.email_domain)
     user_label = mask_email(email) if email else "(invalid)"
     context = {"id": login_id, "user": user_label, "method": method, "kind": kind, "started": started}
-    if kind == "web" and not _SETTINGS.require_for_web_login:
+    if kind == "web" and not _SETTINGS.require_for_web_login and primary_known:
         _log("info", "login end", id=login_id, outcome="skipped", user=user_label, method=method, kind=kind,
              why="web login and REQUIRE_FOR_WEB_LOGIN is False")
         return _deliver(authret)
     _log("info", "login start", id=login_id, user=user_label, method=method, kind=kind)
+    if not primary_known:
+        return _deliver(_conclude(authret, Verdict(INTERNAL_ERROR, "Access Server passed no authret dict, so the "
+                                                   "primary login's result is unknown"), context, None))
     if _SETTINGS.errors:
         return _deliver(_conclude(authret, Verdict(CONFIG_ERROR, "configuration error: %s" % "; ".join(_SETTINGS.errors)),
                                   context, None))
