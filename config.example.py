@@ -80,5 +80,6 @@ SYSLOG = False
 # Longest single API call in seconds (1 to 120); always also cut to the time left.
 CALL_TIMEOUT_SECONDS = 10
 
-# Threads that make API calls in "deferred" mode (1 to 64).
+# Threads that make the API calls (1 to 64). Each call holds one only while it runs, and a call
+# that hangs (a DNS lookup, say) is given up at the deadline whatever it is doing.
 HTTP_THREADS = 8

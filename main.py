@@ -102,7 +102,8 @@ SYSLOG = False
 # Longest single API call, in seconds; always also cut to the time left before the deadline.
 CALL_TIMEOUT_SECONDS = 10
 
-# Threads that make API calls in "deferred" mode (each call holds one only for its duration).
+# Threads that make the API calls (each call holds one only for its duration), so that a call that
+# hangs (a DNS lookup, say) never holds a login past its deadline.
 HTTP_THREADS = 8
 
 # Config file read at load; the IVALT_CONFIG environment variable names another one.
@@ -685,6 +686,8 @@ class Attempt:
         self.id = login_id or new_login_id()
         self.calls = 0
         self.pushes = 0  # pushes that may have reached the phone (not counting refused or throttled ones)
+        self.step = None  # the call under way, or the last one made
+        self.user_reached = False  # iVALT said "pending" at least once: the question is with the user
         self.steps = []  # (step, Answer, seconds) per call, for the debug log and the CLI summary
 
 
@@ -731,6 +734,7 @@ def _call(attempt, settings, gate, clock, step, payload):
     if left <= 0.05:
         return None
     attempt.calls += 1
+    attempt.step = step
     reply = yield Call(step, payload, min(settings.call_timeout_seconds, left))
     if step == "push" and reply.status != 429 and (reply.error is None or reply.error.sent):
         attempt.pushes += 1  # this one may have reached the phone
@@ -780,7 +784,6 @@ def _throttle(attempt, gate, clock, answer):
 
 def _poll(attempt, settings, gate, clock, observe, mobile):
     """Poll the result until approved, a definite answer, or the deadline."""
-    user_reached = False  # iVALT said "pending" at least once: the question is with the user
     last_fault = None
     next_poll = clock()  # the first poll right after the push is accepted
     while True:
@@ -793,7 +796,7 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
         if reply is None:
             break
         answer = classify_poll(reply)
-        if answer.kind == APPROVED and not user_reached:
+        if answer.kind == APPROVED and not attempt.user_reached:
             # The API names no request, only the mobile: an approval seen before iVALT has called
             # this push pending may be left over from an earlier login. Do not take it for this one.
             answer = Answer(UNEXPECTED, "an approval came before iVALT reported this request as pending (it may be "
@@ -805,7 +808,7 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
                 return Verdict(TIMED_OUT, "the approval arrived after the %gs deadline" % settings.deadline_seconds)
             return Verdict(APPROVED, "approved on the phone")
         if answer.kind == PENDING:
-            user_reached, last_fault = True, None
+            attempt.user_reached, last_fault = True, None
         elif answer.kind == THROTTLED:
             stop = _throttle(attempt, gate, clock, answer)
             if stop is not None:
@@ -820,7 +823,7 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
             next_poll = attempt.deadline - 0.3  # one last look just before the deadline
     if last_fault is not None:
         verdict = _verdict_for(last_fault, attempt, stage="poll")
-        if user_reached:  # the user may have answered: an outage now is no reason to let anyone in
+        if attempt.user_reached:  # the user may have answered: an outage now is no reason to let anyone in
             verdict.fail_open_eligible = False
             verdict.detail = "the service stopped answering while the user was asked: " + verdict.detail
         return verdict
@@ -985,8 +988,13 @@ def _read_body(response, ends, clock):
         chunks.append(chunk)
 
 
-def run_blocking(flow, perform, sleep=time.sleep):
-    """Drive the flow in the calling thread (Access Server worker thread, command line)."""
+_CALL_GRACE = 0.5  # seconds past a call's own timeout before a driver gives up waiting for it
+
+
+def run_blocking(flow, perform, sleep=time.sleep, executor=None):
+    """Drive the flow in the calling thread (Access Server worker thread, command line). With an
+    `executor`, each call runs there and is given up _CALL_GRACE after its timeout: requests
+    cannot bound a DNS lookup, and the worker thread must not outlive the deadline."""
     value = None
     try:
         while True:
@@ -994,8 +1002,15 @@ def run_blocking(flow, perform, sleep=time.sleep):
             if isinstance(effect, Sleep):
                 sleep(effect.seconds)
                 value = None
-            else:
+            elif executor is None:
                 value = perform(effect)
+            else:
+                future = executor.submit(perform, effect)
+                try:
+                    value = future.result(timeout=effect.timeout + _CALL_GRACE)
+                except Exception:  # noqa: BLE001 - a timeout (or a bug in perform): no answer to this call
+                    value = Reply(error=TransportError("call did not finish", "within %.1fs (a DNS lookup that hangs?)"
+                                                       % (effect.timeout + _CALL_GRACE)))
     except StopIteration as stop:
         return stop.value
     finally:
@@ -1180,14 +1195,15 @@ def _post_auth(authcred, attributes, authret, info, started):
     if SYNCHRONOUS:
         deferred = run_deferred(
             flow, _API.perform, _executor(), attempt.deadline + 1.5 - time.monotonic(),
-            lambda: Verdict(UNAVAILABLE, "an API call was still running at the deadline", fail_open_eligible=False),
+            lambda: Verdict(UNAVAILABLE, "iVALT service unavailable during the %s: call did not finish by the "
+                            "deadline" % attempt.step, fail_open_eligible=not attempt.user_reached),
         )
         deferred.addCallback(lambda verdict: _conclude(authret, verdict, context, attempt))
         deferred.addErrback(lambda failure: _conclude(
             authret, Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(failure.getErrorMessage(), 160)),
             context, attempt))
         return deferred
-    return _conclude(authret, run_blocking(flow, _API.perform), context, attempt)
+    return _conclude(authret, run_blocking(flow, _API.perform, executor=_executor()), context, attempt)
 
 
 def _debug_step(attempt, step, answer):
@@ -1326,7 +1342,8 @@ def _cmd_check(args, out):
             out.flush()
             time.sleep(min(0.2, until - now))
 
-    verdict = run_blocking(verify(attempt, _SETTINGS, _GATE, _WAITING, time.monotonic, observe), _API.perform, sleep)
+    verdict = run_blocking(verify(attempt, _SETTINGS, _GATE, _WAITING, time.monotonic, observe), _API.perform, sleep,
+                           _executor())
     if tty:
         out.write("\r\033[K")
     total = time.monotonic() - started

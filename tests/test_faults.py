@@ -19,6 +19,8 @@ runs in both wait modes (the `mode` fixture, behind `access_server` and `fail_mo
 """
 
 import re
+import socket
+import threading
 
 import pytest
 
@@ -291,6 +293,30 @@ def test_tls_control_trusted_certificate_is_approved(fake, access_server, host):
     result = access_server(url=url, **extra).login("alice")
     check_approved(result, tls_fake)
     assert [record.endpoint for record in tls_fake.log][:2] == ["lookup", "push"]
+
+
+def test_dns_lookup_that_hangs_still_ends_by_the_deadline(fail_modes, monkeypatch, capfd):
+    """requests cannot bound getaddrinfo (a resolver that does not answer takes 5 s a try, per
+    name server): post_auth must return by the deadline all the same, in both wait modes, and
+    the hang is an outage like any other for FAIL_MODE."""
+    release = threading.Event()
+    resolve = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "hanging-dns.example":
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        runs = fail_modes(url="https://hanging-dns.example", **FAST)
+    finally:
+        release.set()
+    out = capfd.readouterr().out
+    closed, opened = runs["closed"], runs["open"]
+    check_failed(closed.result, closed.fake, "unavailable", stage("lookup", "did not finish"), FAST_DEADLINE, out=out)
+    check_failed_open(opened.result, opened.fake, FAST_DEADLINE, stage("lookup", "did not finish"), out)
 
 
 # Connect-level faults (refused, DNS, connect timeout, TLS) at the push or poll stage cannot
