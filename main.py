@@ -212,23 +212,32 @@ def _read_config_file(path):
     The file is only parsed, never executed: it holds `NAME = literal` lines and nothing else,
     so a config file cannot run code as root inside Access Server. It must not be writable by
     anybody but its owner, and the owner must be root (or the user running this script), because
-    whoever can write it chooses where logins are verified.
+    whoever can write it chooses where logins are verified; the same holds for its folder unless
+    that has the sticky bit (as /tmp has).
     """
     try:
-        info = os.stat(path)
+        # Non-blocking, so that a FIFO put there cannot hang the load; the checks below are made
+        # on the file that was opened, not on whatever the name points to a moment later.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ValueError("config file %s cannot be read: %s" % (path, exc.strerror or exc)) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError("config file %s is not a regular file" % path)
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ValueError("config file %s is writable by group or others: run chmod 600 %s" % (path, path))
-    if info.st_uid not in (0, os.getuid()):
-        raise ValueError("config file %s is owned by uid %d, not root: run chown root %s" % (path, info.st_uid, path))
-    try:
-        with open(path, "rb") as handle:
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("config file %s is not a regular file" % path)
+        _check_owner("config file", path, info, "chmod 600")
+        folder = os.path.dirname(os.path.realpath(path))
+        try:
+            # Whoever can write the folder can put another file in its place.
+            folder_info = os.stat(folder)
+        except OSError as exc:
+            raise ValueError("config file folder %s cannot be read: %s" % (folder, exc.strerror or exc)) from None
+        if not folder_info.st_mode & stat.S_ISVTX:
+            _check_owner("config file folder", folder, folder_info, "chmod go-w")
+        try:
             text = handle.read(1024 * 1024).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError("config file %s cannot be read: %s" % (path, exc)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError("config file %s cannot be read: %s" % (path, exc)) from None
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as exc:
@@ -250,6 +259,13 @@ def _read_config_file(path):
                 % (path, node.lineno, target.id)
             ) from None
     return values
+
+
+def _check_owner(what, path, info, fix):
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError("%s %s is writable by group or others: run %s %s" % (what, path, fix, path))
+    if info.st_uid not in (0, os.getuid()):
+        raise ValueError("%s %s is owned by uid %d, not root: run chown root %s" % (what, path, info.st_uid, path))
 
 
 def load_settings(inline, environ):

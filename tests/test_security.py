@@ -340,6 +340,41 @@ def test_bad_config_fails_every_login_closed_with_a_clear_reason(load_main, text
     assert any(expected in problem for problem in loaded.errors)
 
 
+@pytest.mark.parametrize("folder_mode, refused", [(0o777, True), (0o770, True), (0o1777, False), (0o755, False)])
+def test_config_in_a_folder_others_can_write_is_refused(fake, tmp_path, folder_mode, refused):
+    """Whoever can write the folder can swap the file for one of their own (unless sticky)."""
+    from asemu import load_script
+    from conftest import MAIN, write_config
+
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = write_config(folder / "ivalt_config.py", **settings_for(fake.url))
+    os.chmod(str(folder), folder_mode)
+    script = load_script(MAIN, env={"IVALT_CONFIG": path, "IVALT_SECRET_KEY": None, "IVALT_API_URL": None})
+    try:
+        result = AccessServer(script).login("alice")
+    finally:
+        script.ns["shutdown"]()
+        os.chmod(str(folder), 0o700)
+    if refused:
+        assert result.authret["status"] == FAIL and result.authret["client_reason"] == "SERVICE_MISCONFIGURED"
+        assert "config file folder %s is writable by group or others" % folder in result.authret["reason"]
+        assert sum(fake.counts.values()) == 0
+    else:
+        assert result.authret["status"] == SUCCEED
+
+
+def test_a_fifo_as_config_file_is_refused_without_hanging(tmp_path):
+    from asemu import load_script
+    from conftest import MAIN
+
+    path = str(tmp_path / "ivalt_config.py")
+    os.mkfifo(path, 0o600)
+    script = load_script(MAIN, env={"IVALT_CONFIG": path, "IVALT_SECRET_KEY": API_KEY, "IVALT_API_URL": "http://127.0.0.1:9"})
+    script.ns["shutdown"]()
+    assert any("is not a regular file" in problem for problem in script.ns["_SETTINGS"].errors)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
 def test_config_owned_by_another_user_is_refused(load_main):
     script = load_main(**settings_for("http://127.0.0.1:9"))
