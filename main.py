@@ -637,11 +637,23 @@ class RequestGate:
     def reserve(self, now, latest):
         """The time at which the caller may send one request, or None if that is after `latest`."""
         with self._lock:
-            start = max(now, self._theoretical - self._tolerance, self.blocked_until)
-            if start > latest:
-                return None
-            self._theoretical = max(self._theoretical, start) + self._interval
-            return start
+            return self._book(now, latest)
+
+    def reserve_pair(self, now, latest):
+        """Times for two requests that must follow each other closely, or None: a push and its
+        first poll, which must come before the user can answer however long the queue is (an
+        approval counts only once this push was seen pending). The second is None if it would
+        fall after `latest`."""
+        with self._lock:
+            first = self._book(now, latest)
+            return None if first is None else (first, self._book(first, latest))
+
+    def _book(self, now, latest):
+        start = max(now, self._theoretical - self._tolerance, self.blocked_until)
+        if start > latest:
+            return None
+        self._theoretical = max(self._theoretical, start) + self._interval
+        return start
 
     def pause_until(self, until):
         with self._lock:
@@ -703,6 +715,7 @@ class Attempt:
         self.calls = 0
         self.pushes = 0  # pushes that may have reached the phone (not counting refused or throttled ones)
         self.step = None  # the call under way, or the last one made
+        self.first_poll_slot = None  # budget slot booked with the push for the first poll
         self.user_reached = False  # iVALT said "pending" at least once: the question is with the user
         self.steps = []  # (step, Answer, seconds) per call, for the debug log and the CLI summary
 
@@ -740,11 +753,19 @@ def verify(attempt, settings, gate, waiting, clock, observe=None):
 
 
 def _call(attempt, settings, gate, clock, step, payload):
-    """Wait for a slot in the shared budget, then one Call. None when the deadline leaves no room."""
+    """Wait for a slot in the shared budget, then one Call. None when the deadline leaves no room.
+    A push books its first poll with it (attempt.first_poll_slot); that poll uses the slot."""
+    latest = attempt.deadline - 0.05
+    booked, attempt.first_poll_slot = (attempt.first_poll_slot if step == "poll" else None), None
     while True:
         now = clock()
-        slot = gate.reserve(now, attempt.deadline - 0.05)
-        if slot is None:
+        if booked is not None:  # keeps its place; waits out a 429 pause that came meanwhile
+            slot = max(booked, gate.blocked_until)
+        elif step == "push":
+            slot, attempt.first_poll_slot = gate.reserve_pair(now, latest) or (None, None)
+        else:
+            slot = gate.reserve(now, latest)
+        if slot is None or slot > latest:
             return None
         if slot > now:
             yield Sleep(slot - now)

@@ -305,6 +305,62 @@ def test_flow_throttle_is_honoured(m):
     assert verdict.outcome == "approved" and polls[1] - polls[0] >= 3.0
 
 
+def many_logins(m, users, rate, after=5.0, latency=0.05, deadline=60.0):
+    """`users` logins arriving at once and sharing one RequestGate, each user approving `after`
+    seconds after their push: a discrete-event simulation of the real flow on a virtual clock.
+    Returns ([(verdict, seconds to result)], [times at which requests were sent])."""
+    import heapq
+
+    clock = Clock()
+    config = settings(m, DEADLINE_SECONDS=deadline)
+    gate, waiting = m["RequestGate"](rate), m["WaitingLogins"]()
+    flows = [m["verify"](m["Attempt"]("u%d@example.com" % i, 0.0, deadline), config, gate, waiting, clock)
+             for i in range(users)]
+    pushed, sent_at, results = {}, [], [None] * users
+    events = [(0.0, i, i, None) for i in range(users)]  # (time, order, login, what to send it)
+    order = users
+
+    def answer(i, step, now):
+        mobile = "+1555%07d" % i
+        if step == "lookup":
+            return reply(m, 200, {"data": {"details": {"mobile_with_country_code": mobile}}})
+        if step == "push":
+            pushed[i] = now
+            return sent(m)
+        return approved(m) if now >= pushed[i] + after else pending(m)
+
+    while events:
+        clock.now, _, i, value = heapq.heappop(events)
+        try:
+            effect = flows[i].send(value)
+        except StopIteration as stop:
+            results[i] = (stop.value, clock.now)
+            continue
+        order += 1
+        if isinstance(effect, m["Sleep"]):
+            heapq.heappush(events, (clock.now + effect.seconds, order, i, None))
+        else:
+            sent_at.append(clock.now)
+            heapq.heappush(events, (clock.now + latency, order, i, answer(i, effect.step, clock.now + latency / 2)))
+    return results, sent_at
+
+
+def busiest_second(times):
+    times = sorted(times)
+    return max(sum(1 for t in times[k:] if t < start + 1.0) for k, start in enumerate(times))
+
+
+@pytest.mark.parametrize("users, rate", [(200, 20), (50, 5), (30, 1000)])
+def test_a_binding_budget_slows_polls_but_every_user_is_still_granted(m, users, rate):
+    # The first poll after a push must come before the user can answer, however long the queue:
+    # an approval is taken only after this push was seen pending.
+    results, sent_at = many_logins(m, users, rate)
+    outcomes = [verdict.outcome for verdict, _ in results]
+    assert outcomes == ["approved"] * users, sorted(set((v.outcome, v.detail) for v, _ in results))
+    assert max(seconds for _, seconds in results) < 60
+    assert busiest_second(sent_at) <= rate + 5
+
+
 def test_one_waiting_login_per_user(m):
     waiting = m["WaitingLogins"]()
     assert waiting.claim("+1555", "first") is None
