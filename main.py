@@ -1104,7 +1104,10 @@ def run_deferred(flow, perform, executor, hard_stop, on_timeout):
         advance(reply)
 
     watchdog = reactor.callLater(max(0.0, hard_stop), lambda: finish(on_timeout()))
-    advance(None)
+    # The flow starts on the next reactor turn, not inside post_auth: when many logins arrive
+    # in one turn, the first ones' API calls would otherwise already compete (requests works
+    # under the same GIL) with the reactor while it is still dispatching the others.
+    state["timer"] = reactor.callLater(0, advance, None)
     return result
 
 
