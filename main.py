@@ -724,9 +724,10 @@ _ID_LETTERS = "abcdefghjkmnpqrstuvwxyz"  # letters only, so the phone-number mas
 
 
 def new_login_id():
-    # One read of the system's random source (secrets.choice would make one per letter, ~60 us
-    # each on some kernels: with 200 logins at once that stalled the reactor by 0.17 s). A
-    # correlation id needs to be unique, not secret; the slight modulo bias does not matter.
+    # One read of the system's random source, not one per letter as secrets.choice makes: each
+    # read lets the HTTP threads take the GIL, and with 200 logins dispatched at once on the
+    # reactor those reads cost 0.17 s. A correlation id must be unique, not secret, so the
+    # slight modulo bias does not matter.
     return "".join(_ID_LETTERS[byte % len(_ID_LETTERS)] for byte in secrets.token_bytes(10))
 
 
@@ -756,7 +757,8 @@ def _call(attempt, settings, gate, clock, step, payload):
     """Wait for a slot in the shared budget, then one Call. None when the deadline leaves no room.
     A push books its first poll with it (attempt.first_poll_slot); that poll uses the slot."""
     latest = attempt.deadline - 0.05
-    booked, attempt.first_poll_slot = (attempt.first_poll_slot if step == "poll" else None), None
+    booked = attempt.first_poll_slot if step == "poll" else None
+    attempt.first_poll_slot = None  # used now, or wasted (the push failed or is sent again)
     while True:
         now = clock()
         if booked is not None:  # keeps its place; waits out a 429 pause that came meanwhile
@@ -1241,7 +1243,7 @@ def _post_auth(authcred, attributes, authret, info, started):
         deferred = run_deferred(
             flow, _API.perform, _executor(), attempt.deadline + 1.5 - time.monotonic(),
             lambda: Verdict(UNAVAILABLE, "iVALT service unavailable during the %s: call did not finish by the "
-                            "deadline" % attempt.step, fail_open_eligible=not attempt.user_reached),
+                            "deadline" % (attempt.step or "lookup"), fail_open_eligible=not attempt.user_reached),
         )
         deferred.addCallback(lambda verdict: _conclude(authret, verdict, context, attempt))
         deferred.addErrback(lambda failure: _conclude(

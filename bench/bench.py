@@ -122,6 +122,28 @@ def user(i):
     return "user%03d" % i, "user%03d@%s" % (i, DOMAIN), "+1555%07d" % (1000000 + i)
 
 
+class InFlight:
+    """Counts the API calls under way (each holds one of main.py's own HTTP threads), keeping the
+    peak: wraps the loaded script's ApiClient.perform, which both wait modes call in those threads."""
+
+    def __init__(self, api):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+        perform = api.perform
+
+        def counted(*args, **kwargs):
+            with self._lock:
+                self.now += 1
+                self.peak = max(self.peak, self.now)
+            try:
+                return perform(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        api.perform = counted
+
+
 class Run:
     """A fresh fake iVALT server and a freshly loaded main.py, for one scenario."""
 
@@ -150,28 +172,6 @@ class Run:
             raise SystemExit("main.py refused the benchmark settings: %s" % problems)
         self.server = AccessServer(self.script)
         self.in_flight = InFlight(self.script.ns["_API"])
-
-
-class InFlight:
-    """Counts the API calls under way (each holds one of main.py's own HTTP threads), keeping the
-    peak: wraps the loaded script's ApiClient.perform, which both wait modes call in those threads."""
-
-    def __init__(self, api):
-        self.now = self.peak = 0
-        self._lock = threading.Lock()
-        perform = api.perform
-
-        def counted(*args, **kwargs):
-            with self._lock:
-                self.now += 1
-                self.peak = max(self.peak, self.now)
-            try:
-                return perform(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self.now -= 1
-
-        api.perform = counted
 
     def login_all(self, cap):
         """All logins arrive together; wait at most `cap` s. Returns the LoginResults (some may be
