@@ -70,6 +70,7 @@ def test_timed_out(fake, access_server):
     assert pushes(fake, "slow@example.com") == 1
     assert DEADLINE - 0.3 <= result.elapsed <= DEADLINE + SLACK
     assert fake.counts["poll"] >= 8  # kept polling every 0.25 s until the deadline
+    assert fake.connections == 1  # all on one kept-alive connection: no new handshake per poll
 
 
 def test_bad_key(fake, access_server):

@@ -232,6 +232,7 @@ def test_https_with_a_ca_bundle(ca, tmp_path, load_main, mode):
         script = load_main(**settings_for(server.url, mode, CA_BUNDLE=bundle))
         result = AccessServer(script).login("alice")
         assert result.authret["status"] == SUCCEED
+        assert server.counts["poll"] >= 2 and server.connections == 1  # one TLS handshake for the whole login
     finally:
         server.stop()
 
