@@ -13,9 +13,11 @@ outage (network error, timeout, 5xx, non-JSON) met before iVALT said anything ab
 and says so loudly in the log; TLS failures, throttling, wrong-shape JSON and every answer from
 iVALT (denial, time window, geofence, unknown user, bad key, no answer from the user) still fail.
 
-Network-level faults (refused, DNS, connect timeout, TLS) concern the host, so they hit the
-first call of a login, the lookup: with them a push or a poll can never be reached. Every test
-runs in both wait modes (the `mode` fixture, behind `access_server` and `fail_modes`).
+Network-level faults (refused, DNS, connect timeout, TLS) concern the host. They hit the lookup
+when the host is unreachable from the start, and the push or the poll when it goes away in the
+middle of a login: there the earlier calls are answered with "Connection: close", so the next
+call connects (and resolves the name) again, and a patched resolver sends it to the fault. Every
+test runs in both wait modes (the `mode` fixture, behind `access_server` and `fail_modes`).
 """
 
 import re
@@ -319,9 +321,105 @@ def test_dns_lookup_that_hangs_still_ends_by_the_deadline(fail_modes, monkeypatc
     check_failed_open(opened.result, opened.fake, FAST_DEADLINE, stage("lookup", "did not finish"), out)
 
 
-# Connect-level faults (refused, DNS, connect timeout, TLS) at the push or poll stage cannot
-# happen: they concern the host, and the lookup, which goes to the same host first, fails already.
-# The per-endpoint faults below (hang, close, drip, status codes ...) cover those stages.
+# -------------------------------------------------------------------------------------------------
+# Host-level faults in the middle of a login: the host goes away after the lookup, or after the push
+# -------------------------------------------------------------------------------------------------
+
+SWITCH_HOST = "ivalt-switch.test"  # resolved by Switch only: never by real DNS
+
+
+class Switch:
+    """A resolver for SWITCH_HOST, per URL port (one per fail mode): the first `healthy`
+    resolutions give the healthy TLS fake, later ones the fault's address, or an error for "dns"."""
+
+    def __init__(self, monkeypatch):
+        self.routes = {}  # URL port -> [healthy resolutions left, healthy port, fault, fault port]
+        self._lock = threading.Lock()
+        self._resolve = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", self.getaddrinfo)
+
+    def route(self, url_port, healthy, fault, fault_port):
+        self.routes[url_port] = [healthy, url_port, fault, fault_port]
+
+    def getaddrinfo(self, host, port, *args, **kwargs):
+        if host != SWITCH_HOST:
+            return self._resolve(host, port, *args, **kwargs)
+        with self._lock:
+            route = self.routes[int(port)]
+            route[0] -= 1
+            healthy = route[0] >= 0
+        if healthy:
+            return self._resolve("127.0.0.1", route[1], *args, **kwargs)
+        if route[2] == "dns":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return self._resolve("127.0.0.1", route[3], *args, **kwargs)
+
+
+CLOSE = {"Connection": "close"}  # the next call must connect again
+LOOKUP_THEN_CLOSE = Fault.response(200, {"data": {"status": True, "message": "User details.", "details": {
+    "mobile_with_country_code": ALICE_MOBILE}}, "error": None}, headers=CLOSE)
+PUSH_THEN_CLOSE = Fault.response(200, {"data": {"status": True, "message": "Biometric Auth Request successfully sent.",
+                                                "details": None}, "error": None}, headers=CLOSE)
+MIDWAY = [  # (fault, text the reason must hold, whether FAIL_MODE open lets it through)
+    pytest.param("refused", "connection refused", True, id="refused"),
+    pytest.param("dns", "DNS lookup failed", True, id="dns"),
+    pytest.param("blackhole", "connect timeout", True, id="blackhole"),
+    pytest.param("tls_untrusted", "TLS certificate not trusted", False, id="tls_untrusted"),
+    pytest.param("tls_mismatch", "TLS hostname mismatch", False, id="tls_mismatch"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["push", "poll"])
+@pytest.mark.parametrize("fault, detail, opens", MIDWAY)
+def test_host_goes_away_in_the_middle_of_a_login(load_main, mode, tmp_path, monkeypatch, capfd, endpoint, fault,
+                                                 detail, opens):
+    switch = Switch(monkeypatch)
+    ca = netfaults.make_ca()
+    bundle = netfaults.write_ca_bundle(ca, tmp_path / "ca.pem")
+    cleanup, started, fakes = [], {}, {}
+    try:
+        for fail_mode in ("closed", "open"):
+            fake = FakeIvalt(api_key=API_KEY, ssl_context=netfaults.tls_context(ca, (SWITCH_HOST,))).start()
+            cleanup.append(fake.stop)
+            add_users(fake)
+            fake.inject("lookup", LOOKUP_THEN_CLOSE)
+            if endpoint == "poll":
+                fake.inject("push", PUSH_THEN_CLOSE)
+            if fault == "refused":
+                target = netfaults.refused_port()
+            elif fault == "blackhole":
+                hole = netfaults.Blackhole()
+                cleanup.append(hole.close)
+                target = hole.port
+            elif fault.startswith("tls"):
+                context = (netfaults.untrusted_context() if fault == "tls_untrusted"
+                           else netfaults.mismatched_context(ca))
+                bad = FakeIvalt(api_key=API_KEY, ssl_context=context).start()
+                cleanup.append(bad.stop)
+                target = bad.port
+            else:
+                target = None
+            switch.route(fake.port, 1 if endpoint == "push" else 2, fault, target)
+            url = "https://%s:%d" % (SWITCH_HOST, fake.port)
+            script = load_main(**settings_for(url, mode, FAIL_MODE=fail_mode, CA_BUNDLE=bundle, **FAST))
+            started[fail_mode], fakes[fail_mode] = AccessServer(script).start_login(username="alice"), fake
+        results = {fail_mode: call.wait(60) for fail_mode, call in started.items()}
+    finally:
+        for close in reversed(cleanup):
+            close()
+    out = capfd.readouterr().out
+    for fail_mode, result in results.items():
+        fake = fakes[fail_mode]
+        assert fake.counts["lookup"] == 1 and fake.counts["push"] == (1 if endpoint == "poll" else 0)
+        assert fake.counts["poll"] == 0  # the faulted call never reached iVALT
+        if fail_mode == "open" and opens:
+            check_failed_open(result, fake, FAST_DEADLINE, stage(endpoint, detail), out)
+        else:
+            check_failed(result, fake, "unavailable", stage(endpoint, detail), FAST_DEADLINE, out=out)
+        if fault.startswith("tls"):
+            assert result.elapsed < 0.8  # it will not clear by retrying: it ends at once
+        else:
+            assert result.elapsed >= FAST_DEADLINE - 0.3  # retried until the deadline
 
 
 # -------------------------------------------------------------------------------------------------
