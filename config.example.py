@@ -1,7 +1,8 @@
 """Configuration for the iVALT post-auth script (main.py).
 
-Copy to /usr/local/openvpn_as/etc/ivalt_config.py (or any path named by the IVALT_CONFIG
-environment variable of Access Server), then:
+Copy to /usr/local/openvpn_as/etc/ivalt_config.py, the path Access Server's copy of main.py
+reads (CONFIG_PATH at the top of main.py changes it; the IVALT_CONFIG environment variable names
+another file, for the command line and tests), then:
 
     chown root:root /usr/local/openvpn_as/etc/ivalt_config.py
     chmod 600 /usr/local/openvpn_as/etc/ivalt_config.py
@@ -9,8 +10,8 @@ environment variable of Access Server), then:
 Values here override the ones at the top of main.py; the environment variables
 IVALT_SECRET_KEY and IVALT_API_URL override both. The file is parsed, never executed: only
 `NAME = value` lines with plain values (text in quotes, numbers, True/False, lists) are allowed,
-and the script refuses it (every login fails closed) if it is writable by group or others or
-owned by a user other than root. Check it with: python3 main.py doctor
+and the script refuses it (every login fails closed) if it, or a folder above it, is writable by
+group or others or owned by a user other than root. Check it with: python3 main.py doctor
 """
 
 # Your iVALT secret key (from the iVALT dashboard). Sent only in the x-api-key header, never logged.

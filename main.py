@@ -136,6 +136,7 @@ class Settings:
     def __init__(self):
         self.errors = []
         self.config_file = None  # path actually read, or None
+        self.config_path = ""  # path looked for (IVALT_CONFIG, or CONFIG_PATH)
         self.config_note = ""  # what happened with the config file, for doctor
 
 
@@ -207,7 +208,8 @@ _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 def _read_config_file(path):
-    """Setting values from a config file, or raise ValueError with a message for the admin.
+    """{setting: (value, line number)} from a config file, or raise ValueError with a message for
+    the admin.
 
     The file is only parsed, never executed: it holds `NAME = literal` lines and nothing else,
     so a config file cannot run code as root inside Access Server. It must not be writable by
@@ -252,7 +254,7 @@ def _read_config_file(path):
         if target.id not in _SETTING_CHECKS:
             raise ValueError("config file %s line %d: unknown setting %s" % (path, node.lineno, target.id))
         try:
-            values[target.id] = ast.literal_eval(node.value)
+            values[target.id] = (ast.literal_eval(node.value), node.lineno)
         except ValueError:
             raise ValueError(
                 "config file %s line %d: %s must be a plain value (text, number, True/False or a list)"
@@ -272,10 +274,13 @@ def load_settings(inline, environ):
     """Settings from the inline values, the config file and the environment. Never raises."""
     settings = Settings()
     values = dict((name, inline.get(name)) for name in _SETTING_CHECKS)
+    origin = {}  # setting -> where its value comes from, when not from the script itself
     path = environ.get("IVALT_CONFIG") or inline.get("CONFIG_PATH") or ""
+    settings.config_path = path
     if path and (environ.get("IVALT_CONFIG") or os.path.exists(path)):
         try:
-            values.update(_read_config_file(path))
+            for name, (value, line) in _read_config_file(path).items():
+                values[name], origin[name] = value, " (line %d of %s)" % (line, path)
             settings.config_file = path
             settings.config_note = "read %s" % path
         except ValueError as exc:
@@ -285,12 +290,12 @@ def load_settings(inline, environ):
         settings.config_note = "no config file at %s (using the values in the script)" % (path or "(none)")
     for name in ("IVALT_SECRET_KEY", "IVALT_API_URL"):
         if environ.get(name):
-            values[name] = environ[name]
+            values[name], origin[name] = environ[name], " (from the environment variable %s)" % name
     for name, check in _SETTING_CHECKS.items():
         try:
             setattr(settings, name.lower(), check(name, values[name]))
         except ValueError as exc:
-            settings.errors.append(str(exc))
+            settings.errors.append(str(exc) + origin.get(name, ""))
             try:  # keep the script's own value, so the rest of the checks can still run
                 setattr(settings, name.lower(), check(name, inline.get(name)))
             except ValueError:
@@ -1434,7 +1439,8 @@ def _totp_checks(sacli, users):
     """[(ok, title, fix)] for Access Server's built-in TOTP: globally, for __DEFAULT__, for `users`."""
     if not os.path.exists(sacli):
         why = "skipped: %s not found (not an Access Server machine?)" % sacli
-        return [(None, "built-in TOTP off globally: " + why, ""), (None, "built-in TOTP off for __DEFAULT__: " + why, "")]
+        return [(None, "built-in TOTP off globally: " + why, ""),
+                (None, "built-in TOTP off for %s: %s" % (", ".join(["__DEFAULT__"] + list(users)), why), "")]
     results = []
     config, error = _sacli(sacli, "ConfigQuery")
     if error or not isinstance(config, dict):
@@ -1479,11 +1485,16 @@ def _cmd_doctor(args, out):
 
     bad_config = [p for p in _SETTINGS.errors if p.startswith("config file")]
     report(not bad_config, _SETTINGS.config_note if not bad_config else bad_config[0],
-           "create it with mode 600, owned by root, holding only NAME = value lines (see config.example.py)")
+           _config_file_fix(bad_config[0]) if bad_config else "")
     others = [p for p in _SETTINGS.errors if not p.startswith("config file")]
     for problem in others:
-        fix = "put IVALT_SECRET_KEY = \"...\" in the config file (%s) or in main.py" % (_SETTINGS.config_file or CONFIG_PATH) \
-            if problem.startswith("IVALT_SECRET_KEY") else "correct it in the config file or in main.py, then load the script again"
+        if bad_config:  # the script's own values stood in for the file's: fix the file first
+            fix = "fix the config file first (see above): its values were not read"
+        elif problem.startswith("IVALT_SECRET_KEY is not configured"):
+            fix = "put IVALT_SECRET_KEY = \"...\" in the config file %s (mode 600) or in main.py" % (
+                _SETTINGS.config_path or CONFIG_PATH)
+        else:
+            fix = "correct it where the message says (config file, main.py or environment), then load the script again"
         report(False, problem, fix)
     if not others:
         report(True, "settings valid (WAIT_MODE %s, FAIL_MODE %s, deadline %gs, poll every %gs, budget %g req/s)"
@@ -1502,9 +1513,23 @@ def _cmd_doctor(args, out):
     for ok, title, fix in _totp_checks(args.sacli, args.user):
         report(ok, title, fix)
     _loaded_script_check(args, report)
-    failed = results.count(False)
-    out.write("\n%s\n" % ("all checks passed" if not failed else "%d check%s failed" % (failed, "" if failed == 1 else "s")))
+    failed, skipped = results.count(False), results.count(None)
+    summary = "all checks passed" if not failed else "%d check%s failed" % (failed, "" if failed == 1 else "s")
+    if skipped:
+        summary += ", %d skipped" % skipped
+        if not os.path.exists(args.sacli):
+            summary += " (on the Access Server machine, give --sacli PATH if sacli is not at %s)" % args.sacli
+    out.write("\n%s\n" % summary)
     return 1 if failed else 0
+
+
+def _config_file_fix(problem):
+    if "writable by group or others" in problem or "owned by uid" in problem:
+        return "%s: the file and its folder must be owned by root and writable by their owner only (mode 600 " \
+               "for the file)" % problem.split("run ", 1)[-1]
+    if "cannot be read" in problem or "not a regular file" in problem:
+        return "create it from config.example.py (owned by root, mode 600), or unset IVALT_CONFIG"
+    return "correct that line: only NAME = value lines with plain values (config.example.py shows each setting)"
 
 
 def _api_checks(report):
@@ -1587,26 +1612,34 @@ def _cmd_install(args, out):
     if _read_script(script)[0] is None:
         out.write("cannot read %s\n" % script)
         return 1
-    if _SETTINGS.errors and not args.force:
-        out.write("refusing to install: with these settings every login would be denied:\n")
-        for problem in _SETTINGS.errors:
-            out.write("  - %s\n" % problem)
-        out.write("fix them (python3 main.py doctor), or use --force\n")
-        return 1
+    refusals = []  # (why, [details], what to do)
+    if _SETTINGS.errors:
+        refusals.append(("with these settings every login would be denied", _SETTINGS.errors,
+                         "fix them (python3 main.py doctor)"))
     if os.path.exists(args.sacli):
         totp_on = [title for ok, title, _ in _totp_checks(args.sacli, []) if ok is False]
-        if totp_on and not args.force:
-            out.write("refusing to install while Access Server's built-in TOTP may be on "
-                      "(it must be off with an external second factor):\n")
-            for title in totp_on:
-                out.write("  - %s\n" % title)
-            out.write("turn it off (python3 main.py doctor shows how), or use --force\n")
-            return 1
+        if totp_on:
+            refusals.append(("Access Server's built-in TOTP may be on (it must be off with an external second "
+                             "factor)", totp_on, "turn it off (python3 main.py doctor shows how)"))
     elif not args.dry_run:
         out.write("%s not found: is this the Access Server machine? (--sacli PATH)\n" % args.sacli)
         return 1
-    return _run_commands([[args.sacli, "--key", _SCRIPT_KEY, "--value_file=" + script, "ConfigPut"],
+    shell_config = os.environ.get("IVALT_CONFIG")
+    if shell_config and os.path.realpath(shell_config) != os.path.realpath(CONFIG_PATH):
+        out.write("note: this shell has IVALT_CONFIG=%s, but Access Server reads %s unless its own environment "
+                  "sets IVALT_CONFIG too\n" % (shell_config, CONFIG_PATH))
+    refused = bool(refusals) and not args.force
+    if refused:
+        for why, details, fix in refusals:
+            out.write("%s: %s:\n" % ("a real install would refuse" if args.dry_run else "refusing to install", why))
+            for detail in details:
+                out.write("  - %s\n" % detail)
+            out.write("%s, or use --force\n" % fix)
+        if not args.dry_run:
+            return 1
+    done = _run_commands([[args.sacli, "--key", _SCRIPT_KEY, "--value_file=" + script, "ConfigPut"],
                           [args.sacli, "start"]], args.dry_run, out)
+    return 1 if refused else done
 
 
 def _cmd_uninstall(args, out):

@@ -401,7 +401,8 @@ def test_doctor_good_key_without_access_server(fake, config):
     assert any("TLS skipped: plain http:// test URL" in line for line in marked(out, SKIP))
     skipped = marked(out, SKIP)
     assert sum("/nonexistent/sacli not found" in line for line in skipped) == 3, out  # TOTP x2, loaded script
-    assert out.rstrip().endswith("all checks passed")
+    summary = out.rstrip().splitlines()[-1]  # skipped is not passed: the summary says so, and how to point at sacli
+    assert summary.startswith("all checks passed, 4 skipped") and "--sacli PATH" in summary, summary
     assert API_KEY not in out
     assert fake.counts["lookup"] == 1 and fake.counts["push"] == 0 and fake.counts["poll"] == 0
     assert fake.log[0].body == {"email": "doctor-check@ivalt-doctor.invalid"}
@@ -452,6 +453,37 @@ def test_doctor_config_file_writable_by_others(fake, config):
     assert any("writable by group or others" in line and "chmod 600 %s" % path in line for line in failures), out
     assert "mode 600" in fix_after(out, "writable by group or others")
     assert sum(fake.counts.values()) == 0  # the key in that file is not trusted, so not used
+
+
+def test_doctor_refused_config_file_does_not_send_the_key_elsewhere(fake, config):
+    """The key is in the refused file: the fix is to repair the file, not to put the key somewhere else."""
+    path = config()
+    os.chmod(path, 0o660)
+    code, out, _ = run_main("doctor", "--sacli", "/nonexistent/sacli", config=path)
+    assert code == 1, out
+    assert fix_after(out, "IVALT_SECRET_KEY is not configured") == "fix the config file first (see above): its values were not read"
+    assert "/usr/local/openvpn_as/etc" not in out
+
+
+@pytest.mark.parametrize("line, fix", [
+    ("DEADLNE_SECONDS = 30", "correct that line"),
+    ("DEADLINE_SECONDS = 60 +", "correct that line"),
+])
+def test_doctor_names_the_fix_for_each_config_file_error(fake, config, line, fix):
+    path = config()
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+    code, out, _ = run_main("doctor", "--sacli", "/nonexistent/sacli", config=path)
+    assert code == 1, out
+    assert fix_after(out, "config file %s" % path).startswith(fix), out
+
+
+def test_doctor_a_value_of_the_wrong_type_names_the_setting_and_the_line(fake, config):
+    path = config(DEADLINE_SECONDS="60")
+    code, out, _ = run_main("doctor", "--sacli", "/nonexistent/sacli", config=path)
+    assert code == 1, out
+    line = [n for n, text in enumerate(open(path).read().splitlines(), 1) if text.startswith("DEADLINE_SECONDS")][0]
+    assert "DEADLINE_SECONDS must be a number from 1 to 600, got text '60' (line %d of %s)" % (line, path) in out, out
 
 
 def test_doctor_checklist_marks_fall_back_to_ascii(fake, config):
@@ -565,7 +597,7 @@ def test_install_refuses_while_totp_is_on(offline_config, sacli, totp, users):
     sacli.configure(totp=totp, users=users, script=None)
     code, out, _ = run_main("install", "--sacli", sacli.path, config=offline_config())
     assert code == 1, out
-    assert "refusing to install while Access Server's built-in TOTP may be on" in out
+    assert "refusing to install: Access Server's built-in TOTP may be on" in out
     assert "--force" in out
     assert sacli.changes() == []
     assert sacli.loaded() is None
@@ -600,6 +632,24 @@ def test_install_dry_run_prints_the_commands_and_changes_nothing(offline_config,
     assert lines[-2:] == [shell(sacli.path, INSTALL[0]), shell(sacli.path, INSTALL[1])], out
     assert "running:" not in out
     assert sacli.changes() == []
+
+
+def test_install_dry_run_still_prints_the_commands_and_says_what_a_real_install_would_refuse(offline_config, sacli):
+    sacli.configure(totp="true", script=None)
+    code, out, _ = run_main("install", "--dry-run", "--sacli", sacli.path, config=offline_config(IVALT_SECRET_KEY=PLACEHOLDER))
+    assert code == 1, out  # the dry run found what would stop a real one
+    assert "a real install would refuse: with these settings every login would be denied:" in out
+    assert "  - IVALT_SECRET_KEY is not configured" in out
+    assert "a real install would refuse: Access Server's built-in TOTP may be on" in out
+    assert out.splitlines()[-2:] == [shell(sacli.path, INSTALL[0]), shell(sacli.path, INSTALL[1])], out
+    assert sacli.changes() == []
+
+
+def test_install_notes_that_access_server_does_not_see_the_shells_config(offline_config, sacli):
+    path = offline_config()
+    code, out, _ = run_main("install", "--dry-run", "--sacli", sacli.path, config=path)
+    assert code == 0, out
+    assert "note: this shell has IVALT_CONFIG=%s, but Access Server reads /usr/local/openvpn_as/etc/ivalt_config.py" % path in out
 
 
 def test_install_dry_run_without_sacli(offline_config):

@@ -19,7 +19,7 @@ from asemu import SUCCEED, AccessServer, load_script  # noqa: E402
 from fake_ivalt import FakeIvalt  # noqa: E402
 
 KEY = "demo-secret-key-0001"
-USERS = [  # username, e-mail in iVALT, mobile, what the user does, seconds after the push
+USERS = [  # username, e-mail in iVALT, mobile, what the user does (fake_ivalt behaviour), seconds after the push
     ("alice", "alice@example.com", "+15550100001", "approve", 2.0),
     ("bob", "bob@example.com", "+15550100002", "timezone", 1.5),
     ("carol", "carol@example.com", "+15550100003", "geofence", 1.5),
@@ -27,6 +27,8 @@ USERS = [  # username, e-mail in iVALT, mobile, what the user does, seconds afte
     ("erin", "erin@example.com", "+15550100005", "never", 0.0),
     ("mallory", None, None, None, None),  # not enrolled in iVALT
 ]
+DOES = {"approve": "approves", "timezone": "approves outside her time window", "geofence": "approves outside "
+        "her geofence", "deny401": "denies", "never": "never answers", None: "is not enrolled"}
 
 
 def main():
@@ -52,12 +54,13 @@ def main():
         started = time.monotonic()
         results = server.login_many([{"username": name} for name, *_ in USERS], timeout=args.deadline + 30)
         print("\n--- outcomes (%.1fs in all) ---" % (time.monotonic() - started))
-        print("%-8s %-9s %-7s %-6s %-45s %s" % ("user", "does", "status", "time", "client_reason (user sees)", "pushes"))
+        print("%-8s %-34s %-7s %6s %6s  %s" % ("user", "on the phone", "status", "time", "pushes",
+                                               "client_reason (what the user sees)"))
         for (name, _, mobile, behaviour, _), result in zip(USERS, results):
             status = "SUCCEED" if result.authret.get("status") == SUCCEED else "FAIL"
-            print("%-8s %-9s %-7s %5.1fs %-45s %d" % (name, behaviour or "-", status, result.elapsed,
-                                                   result.authret.get("client_reason") or "-",
-                                                   fake.pushes_delivered.get(mobile, 0)))
+            print("%-8s %-34s %-7s %5.1fs %6d  %s" % (name, DOES[behaviour], status, result.elapsed,
+                                                     fake.pushes_delivered.get(mobile, 0),
+                                                     result.authret.get("client_reason") or "-"))
         script.ns["shutdown"]()
         return 0 if results[0].authret.get("status") == SUCCEED else 1
 
