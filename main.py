@@ -1221,7 +1221,9 @@ def _post_auth(authcred, attributes, authret, info, started):
     email, problem = email_from_username(username, _SETTINGS.email_domain)
     user_label = mask_email(email) if email else "(invalid)"
     context = {"id": login_id, "user": user_label, "method": method, "kind": kind, "started": started}
-    if kind == "web" and not _SETTINGS.require_for_web_login and primary_known:
+    # Broken settings deny every login before any policy is looked at: a setting that failed its
+    # check has no trustworthy value (REQUIRE_FOR_WEB_LOGIN = "no" must not skip web logins).
+    if kind == "web" and _SETTINGS.require_for_web_login is False and primary_known and not _SETTINGS.errors:
         _log("info", "login end", id=login_id, outcome="skipped", user=user_label, method=method, kind=kind,
              why="web login and REQUIRE_FOR_WEB_LOGIN is False")
         return _deliver(authret)

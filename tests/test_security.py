@@ -365,6 +365,23 @@ def test_config_in_a_folder_others_can_write_is_refused(fake, tmp_path, folder_m
         assert result.authret["status"] == SUCCEED
 
 
+def test_an_invalid_inline_setting_never_skips_the_second_factor(fake):
+    """A setting that failed its check has no trustworthy value: REQUIRE_FOR_WEB_LOGIN = "no" at the
+    top of main.py once made web logins pass without iVALT."""
+    from asemu import load_script
+    from conftest import MAIN
+
+    text = open(MAIN).read().replace("REQUIRE_FOR_WEB_LOGIN = True", 'REQUIRE_FOR_WEB_LOGIN = "no"', 1)
+    script = load_script(text, env={"IVALT_SECRET_KEY": API_KEY, "IVALT_API_URL": fake.url, "IVALT_CONFIG": None})
+    try:
+        for vpn in (False, True):
+            result = AccessServer(script).login("alice", vpn=vpn)
+            assert result.authret["status"] == FAIL and "REQUIRE_FOR_WEB_LOGIN must be True or False" in result.authret["reason"]
+    finally:
+        script.ns["shutdown"]()
+    assert sum(fake.counts.values()) == 0
+
+
 def test_a_fifo_as_config_file_is_refused_without_hanging(tmp_path):
     from asemu import load_script
     from conftest import MAIN
