@@ -37,9 +37,9 @@ POLL_INTERVAL_SECONDS = 1.0
 
 # "closed": every failure denies the login. "open": a login passes WITHOUT the second factor when
 # the iVALT service cannot be reached (network error, timeout, HTTP 5xx, non-JSON answer) before
-# iVALT said anything about this login. Never on a denial, time window, geofence, unknown user,
-# bad key, throttling, TLS failure, or a user who did not answer. Every such pass is logged as
-# "FAIL-OPEN".
+# iVALT confirmed this login's push. Never on a denial, time window, geofence, unknown user, bad
+# key, throttling, redirect, TLS failure, or a user who did not answer. Every such pass is logged
+# as "FAIL-OPEN".
 FAIL_MODE = "closed"
 
 # "thread": wait in Access Server's worker thread (SYNCHRONOUS = False), as other integrations do.
@@ -52,6 +52,8 @@ WAIT_MODE = "thread"
 REQUEST_BUDGET_PER_SECOND = 25
 
 # Usernames that never need iVALT, e.g. a break-glass administrator. Each pass is logged.
+# Matched exactly as the user types it (trimmed, any case, ASCII only), with no DOMAIN\ stripping
+# and no EMAIL_DOMAIN: list each form, e.g. ["breakglass", "CORP\\breakglass"].
 BYPASS_USERS = []
 
 # Access Server groups (the user's conn_group) whose members never need iVALT.

@@ -62,8 +62,8 @@ DEADLINE_SECONDS = 60
 POLL_INTERVAL_SECONDS = 1.0
 
 # "closed": any failure denies the login. "open": let the login through only when the iVALT
-# service cannot be reached (network error, timeout, 5xx, non-JSON) before any answer: never on
-# a denial, time window, geofence, unknown user, bad key or a user who did not answer.
+# service cannot be reached (network error, timeout, 5xx, non-JSON) before it confirmed the push:
+# never on a denial, time window, geofence, unknown user, bad key or a user who did not answer.
 FAIL_MODE = "closed"
 
 # "thread": wait in Access Server's worker thread (SYNCHRONOUS = False), as every integration does.
@@ -75,6 +75,7 @@ WAIT_MODE = "thread"
 REQUEST_BUDGET_PER_SECOND = 25
 
 # Usernames that never need iVALT (e.g. a break-glass admin). Each pass is logged as a bypass.
+# Matched exactly as typed (any case, ASCII): "CORP\\admin" and "admin" are two entries.
 BYPASS_USERS = []
 
 # Access Server groups (authret proplist conn_group) whose members never need iVALT.
@@ -143,7 +144,11 @@ class Settings:
 def _describe(value):
     if isinstance(value, str):
         return "text %r" % _clean(value, 40)
-    return "%s %s" % (type(value).__name__, _clean(repr(value), 40))
+    try:
+        shown = repr(value)
+    except ValueError:  # an int of more than 4,300 digits cannot be shown
+        shown = "(too long to show)"
+    return "%s %s" % (type(value).__name__, _clean(shown, 40))
 
 
 def _as_text(name, value):
@@ -204,7 +209,18 @@ _SETTING_CHECKS = {
     "HTTP_THREADS": _as_number(1, 64),
 }
 
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+def _is_loopback(host):
+    """Only a loopback address may take plain http. A name is not one, however it starts
+    ("127.evil.example"): only "localhost", which every resolver keeps on the machine."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_config_file(path):
@@ -228,14 +244,7 @@ def _read_config_file(path):
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("config file %s is not a regular file" % path)
         _check_owner("config file", path, info, "chmod 600")
-        folder = os.path.dirname(os.path.realpath(path))
-        try:
-            # Whoever can write the folder can put another file in its place.
-            folder_info = os.stat(folder)
-        except OSError as exc:
-            raise ValueError("config file folder %s cannot be read: %s" % (folder, exc.strerror or exc)) from None
-        if not folder_info.st_mode & stat.S_ISVTX:
-            _check_owner("config file folder", folder, folder_info, "chmod go-w")
+        _check_folders(path)
         try:
             text = handle.read(1024 * 1024).decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -244,6 +253,8 @@ def _read_config_file(path):
         tree = ast.parse(text, filename=path)
     except SyntaxError as exc:
         raise ValueError("config file %s has a syntax error at line %s: %s" % (path, exc.lineno, exc.msg)) from None
+    except (ValueError, MemoryError, RecursionError) as exc:  # e.g. a number of 5,000 digits, deep nesting
+        raise ValueError("config file %s cannot be parsed: %s" % (path, _clean(exc, 100) or type(exc).__name__)) from None
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
@@ -253,14 +264,34 @@ def _read_config_file(path):
             raise ValueError("config file %s line %d: only NAME = value lines are allowed" % (path, node.lineno))
         if target.id not in _SETTING_CHECKS:
             raise ValueError("config file %s line %d: unknown setting %s" % (path, node.lineno, target.id))
+        if target.id in values:  # the last one would win unseen: FAIL_MODE = "closed" ... FAIL_MODE = "open"
+            raise ValueError("config file %s line %d: %s is set twice (first on line %d)"
+                             % (path, node.lineno, target.id, values[target.id][1]))
         try:
             values[target.id] = (ast.literal_eval(node.value), node.lineno)
-        except ValueError:
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # {[]: 1} is a TypeError
             raise ValueError(
                 "config file %s line %d: %s must be a plain value (text, number, True/False or a list)"
                 % (path, node.lineno, target.id)
             ) from None
     return values
+
+
+def _check_folders(path):
+    """Every folder above the file, as named and as its symlinks resolve: whoever can write one
+    (unless it has the sticky bit, as /tmp has) can put another file in its place."""
+    seen = set()
+    for named in (os.path.abspath(path), os.path.realpath(path)):
+        folder = os.path.dirname(named)
+        while folder not in seen:
+            seen.add(folder)
+            try:
+                info = os.stat(folder)
+            except OSError as exc:
+                raise ValueError("config file folder %s cannot be read: %s" % (folder, exc.strerror or exc)) from None
+            if not info.st_mode & stat.S_ISVTX:
+                _check_owner("config file folder", folder, info, "chmod go-w")
+            folder = os.path.dirname(folder)
 
 
 def _check_owner(what, path, info, fix):
@@ -271,7 +302,20 @@ def _check_owner(what, path, info, fix):
 
 
 def load_settings(inline, environ):
-    """Settings from the inline values, the config file and the environment. Never raises."""
+    """Settings from the inline values, the config file and the environment. Never raises: what
+    nobody foresaw becomes an error, and every login fails closed on it."""
+    try:
+        return _load_settings(inline, environ)
+    except Exception as exc:  # noqa: BLE001 - the script must load, and then deny, whatever happened
+        settings = Settings()
+        for name in _SETTING_CHECKS:
+            setattr(settings, name.lower(), None)
+        settings.key_configured, settings.api_host = False, ""
+        settings.errors.append("the settings could not be loaded (%s: %s)" % (type(exc).__name__, _clean(exc, 120)))
+        return settings
+
+
+def _load_settings(inline, environ):
     settings = Settings()
     values = dict((name, inline.get(name)) for name in _SETTING_CHECKS)
     origin = {}  # setting -> where its value comes from, when not from the script itself
@@ -320,11 +364,11 @@ def _check_relations(settings):
         match = re.match(r"^(https?)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?$", url)
         if not match:
             problems.append("IVALT_API_URL %r is not a valid https:// URL" % _clean(url, 80))
-        elif match.group(1) == "http" and match.group(2).lower() not in _LOOPBACK_HOSTS and not match.group(2).startswith("127."):
+        elif match.group(1) == "http" and not _is_loopback(match.group(2)):
             problems.append("IVALT_API_URL must use https:// (plain http:// only for a loopback test server)")
         settings.api_host = match.group(2).strip("[]").lower() if match else ""
     if settings.https_proxy and not re.match(r"^https?://[^\s/]+(:\d{1,5})?/?$", settings.https_proxy):
-        problems.append("HTTPS_PROXY %r must look like http://proxy.example.com:3128" % _clean(settings.https_proxy, 80))
+        problems.append("HTTPS_PROXY %r must look like http://proxy.example.com:3128" % _clean(_safe_url(settings.https_proxy), 80))
     if settings.ca_bundle and not os.path.isfile(settings.ca_bundle):
         problems.append("CA_BUNDLE %s is not a readable file" % _clean(settings.ca_bundle, 200))
     if settings.email_domain and not re.match(r"^[A-Za-z0-9.-]+\.[A-Za-z]{2,}$", settings.email_domain.lstrip("@")):
@@ -336,14 +380,21 @@ def _check_relations(settings):
             problems.append("POLL_INTERVAL_SECONDS must be shorter than DEADLINE_SECONDS")
     if settings.http_threads is not None:
         settings.http_threads = int(settings.http_threads)
+    for name in settings.bypass_users or []:
+        if not name.isascii():
+            problems.append("BYPASS_USERS entry %r is not plain ASCII: it would never match" % _clean(name, 40))
 
 
 # -------------------------------------------------------------------------------------------------
 # Text hygiene: everything that reaches a log line or a reason goes through here
 # -------------------------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_PHONE = re.compile(r"\+?\d{7,}")
+# Control characters (a newline could forge a log line), invisible formatting characters (an id
+# that looks like another: zero-width, bidi overrides, BOM, soft hyphen) and lone surrogates (they
+# cannot be written out, so the whole log line would be lost).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]")
+_PHONE = re.compile(r"\+?\d(?:[ ()-]{0,2}\d){6,}")  # also "+1 (555) 123-0001"
+_SECRETS = []  # the API key and the proxy password, filled in at load: never in a log line or reason
 
 
 def _clean(text, limit=200):
@@ -355,6 +406,24 @@ def _clean(text, limit=200):
 def mask_mobile(text):
     """Every phone-number-like run of digits in text, masked but for its last 2 digits."""
     return _PHONE.sub(lambda m: re.sub(r"\d", "*", m.group(0)[:-2]) + m.group(0)[-2:], text)
+
+
+def _scrub(text):
+    """Text for a log line, a reason or the console: no secret, no full phone number. Secrets go
+    first: masking digits first could cut a key in two and leave both halves readable."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "[secret]")
+    return mask_mobile(text)
+
+
+def _proxy_password(url):
+    match = re.match(r"^[a-z]+://[^/@:]*:([^/@]*)@", url or "")
+    return match.group(1) if match else None
+
+
+def _safe_url(url):
+    """A proxy URL for display: user:password@host shows as user:***@host."""
+    return re.sub(r"^([a-z]+://[^/@:]*):[^/@]*@", r"\1:***@", url or "")
 
 
 def mask_email(email):
@@ -465,14 +534,13 @@ _NOT_JSON = object()
 def _parse_json(body):
     try:
         return json.loads(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):  # 50,000 "[" is a RecursionError
         return _NOT_JSON
 
 
 def _snippet(reply):
     kind = _clean(reply.headers.get("content-type", "no content type").split(";")[0], 40)
-    text = reply.body[:600].decode("utf-8", "replace")
-    text = _clean(re.sub(r"\s+", " ", re.sub(r"<[^>]*>?", " ", text)).strip(), 80)  # tags are noise in a log
+    text = _clean(_untag(reply.body[:600].decode("utf-8", "replace")), 80)
     return "%s: %s" % (kind, text) if text else kind
 
 
@@ -482,11 +550,17 @@ def _error_detail(body):
     if not isinstance(error, dict):
         return None
     detail = error.get("detail")
-    if isinstance(detail, list):
-        detail = "; ".join(str(item.get("msg", item) if isinstance(item, dict) else item) for item in detail)
+    if isinstance(detail, list):  # validation errors: their messages, not what they echo back
+        detail = "; ".join(item if isinstance(item, str) else str(item.get("msg", "(validation error)"))
+                           if isinstance(item, dict) else "(validation error)" for item in detail[:5])
     if not isinstance(detail, str) or not detail.strip():
         detail = error.get("title") if isinstance(error.get("title"), str) else "(no detail given)"
-    return _clean(detail, 200)
+    return _clean(_untag(detail), 200)
+
+
+def _untag(text):
+    """Markup is noise in a log line, and a hazard wherever a reason is shown as HTML."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]*>?", " ", text)).strip()
 
 
 def parse_retry_after(value):
@@ -494,14 +568,14 @@ def parse_retry_after(value):
     if not isinstance(value, str):
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.match(r"^[0-9]{1,10}$", value):  # not str.isdigit(): "²" is a digit to it
         return min(float(value), 86400.0)
     try:
         from email.utils import parsedate_to_datetime
 
         when = parsedate_to_datetime(value)
         return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
+    except Exception:  # noqa: BLE001 - any unreadable date is "not given"
         return None
 
 
@@ -722,6 +796,8 @@ class Attempt:
         self.step = None  # the call under way, or the last one made
         self.first_poll_slot = None  # budget slot booked with the push for the first poll
         self.user_reached = False  # iVALT said "pending" at least once: the question is with the user
+        self.push_confirmed = False  # iVALT confirmed the push: no outage after this lets anyone in
+        self.throttles = 0  # 429s met: each makes the next wait longer
         self.steps = []  # (step, Answer, seconds) per call, for the debug log and the CLI summary
 
 
@@ -753,6 +829,7 @@ def verify(attempt, settings, gate, waiting, clock, observe=None):
         push = yield from _ask(attempt, settings, gate, clock, observe, "push", payload)
         if push.kind != SENT:
             return _verdict_for(push, attempt, stage="push")
+        attempt.push_confirmed = True
         return (yield from _poll(attempt, settings, gate, clock, observe, mobile))
     finally:
         waiting.release(mobile, attempt.id)
@@ -800,7 +877,7 @@ def _ask(attempt, settings, gate, clock, observe, step, payload):
         sent_at = clock()
         reply = yield from _call(attempt, settings, gate, clock, step, payload)
         if reply is None:
-            return last or Answer(TIMED_OUT, "no time left for the %s before the deadline" % step)
+            return last or _no_time_left(attempt, gate, step)
         answer = _CLASSIFY[step](reply)
         attempt.steps.append((step, answer, clock() - sent_at))
         observe(attempt, step, answer)
@@ -821,13 +898,23 @@ def _ask(attempt, settings, gate, clock, observe, step, payload):
         pause = min(pause * 2, 5.0)
 
 
+def _no_time_left(attempt, gate, step):
+    if gate.blocked_until >= attempt.deadline - 0.05:  # another login's 429 paused every login
+        return Answer(THROTTLED, "throttled: the pause after an HTTP 429 lasts past the deadline, no %s made" % step)
+    return Answer(TIMED_OUT, "no time left for the %s before the deadline" % step)
+
+
 def _throttle(attempt, gate, clock, answer):
-    """Share a 429 with every waiting login. An Answer when the wait would pass the deadline."""
-    wait = answer.value if answer.value is not None else 2.0
+    """Share a 429 with every waiting login. An Answer when the wait would pass the deadline.
+    Whatever Retry-After says, each login waits at least 0.5 s, doubling with every 429 it meets
+    (up to 4 s): "Retry-After: 0" once made one login send 126 requests."""
+    floor = min(0.5 * 2 ** attempt.throttles, 4.0)
+    attempt.throttles += 1
+    wait = max(answer.value if answer.value is not None else 2.0, floor)
     gate.pause_until(clock() + min(wait, _SHARED_BACKOFF_CAP))
     if clock() + wait >= attempt.deadline:
-        return Answer(THROTTLED, "throttled by the API (HTTP 429, Retry-After %s s is more than the time left)"
-                      % ("%g" % wait if answer.value is not None else "not given"))
+        return Answer(THROTTLED, "throttled by the API (HTTP 429, Retry-After %s: the next try, %gs away, would "
+                      "pass the deadline)" % ("%g s" % answer.value if answer.value is not None else "not given", wait))
     return None
 
 
@@ -843,6 +930,8 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
         sent_at = clock()
         reply = yield from _call(attempt, settings, gate, clock, "poll", {"mobile": mobile})
         if reply is None:
+            if last_fault is None and gate.blocked_until >= attempt.deadline - 0.05:
+                last_fault = _no_time_left(attempt, gate, "poll")
             break
         answer = classify_poll(reply)
         if answer.kind == APPROVED and not attempt.user_reached:
@@ -872,9 +961,10 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
             next_poll = attempt.deadline - 0.3  # one last look just before the deadline
     if last_fault is not None:
         verdict = _verdict_for(last_fault, attempt, stage="poll")
-        if attempt.user_reached:  # the user may have answered: an outage now is no reason to let anyone in
-            verdict.fail_open_eligible = False
-            verdict.detail = "the service stopped answering while the user was asked: " + verdict.detail
+        # iVALT confirmed the push: it was reachable, and the question is with the user, who may
+        # have said no. An outage now is no reason to let anyone in, whatever FAIL_MODE says.
+        verdict.fail_open_eligible = False
+        verdict.detail = "the service stopped answering after the push was sent: " + verdict.detail
         return verdict
     return Verdict(TIMED_OUT, "the user did not answer within %gs" % settings.deadline_seconds)
 
@@ -885,8 +975,9 @@ def _verdict_for(answer, attempt, stage):
     if kind in (MOBILE, SENT, PENDING):  # cannot end an attempt; here only by a bug
         return Verdict(INTERNAL_ERROR, "the %s ended without an answer" % stage)
     if kind == NOT_ENROLLED:
-        client = mask_mobile(answer.detail) if answer.detail else "The email provided (%s) was not found" % attempt.email
-        return Verdict(NOT_ENROLLED, "user not enrolled in iVALT: %s" % answer.detail, client_text=_clean(client, 160))
+        # The user sees a text of ours, never the API's own (which could carry anything, HTML included).
+        return Verdict(NOT_ENROLLED, "user not enrolled in iVALT: %s" % answer.detail,
+                       client_text=_clean("The email provided (%s) was not found" % attempt.email, 160))
     if kind == BAD_KEY:
         return Verdict(BAD_KEY, "%s during the %s" % (answer.detail, stage))
     if kind in (UNAVAILABLE, THROTTLED, UNEXPECTED):
@@ -1047,7 +1138,12 @@ def run_blocking(flow, perform, sleep=time.sleep, executor=None):
     value = None
     try:
         while True:
-            effect = flow.send(value)
+            try:
+                effect = flow.send(value)
+            except StopIteration:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed and logged
+                return Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160))
             if isinstance(effect, Sleep):
                 sleep(effect.seconds)
                 value = None
@@ -1133,13 +1229,14 @@ def _log(level, message, **fields):
         if text == "" or re.search(r'[\s"=]', text):
             text = '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
         parts.append("%s=%s" % (key, text))
-    line = mask_mobile(" ".join(parts))
-    key = _SETTINGS.ivalt_secret_key
-    if key and len(key) >= 4:
-        line = line.replace(key, "[key]")
+    line = _scrub(" ".join(parts))
+    text = "ivalt-2fa: %s%s\n" % ("WARNING " if level == "warning" else "", line)
     try:
         # One write per line: print()'s separate newline lets threads interleave their lines.
-        sys.stdout.write("ivalt-2fa: %s%s\n" % ("WARNING " if level == "warning" else "", line))
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:  # an ASCII-only stdout must not lose the line
+            sys.stdout.write(text.encode("ascii", "backslashreplace").decode("ascii"))
         sys.stdout.flush()
         if _SETTINGS.syslog:
             import syslog
@@ -1165,14 +1262,25 @@ def email_from_username(username, email_domain):
         return None, "the username is empty"
     if "@" not in name and email_domain:
         name = "%s@%s" % (name, email_domain)
-    if len(name) > _MAX_USERNAME or re.search(r"\s", name) or name.count("@") > 1 or name.startswith("@") or name.endswith("@"):
+    if (len(name) > _MAX_USERNAME or re.search(r'[\s<>"`,;()\[\]]', name) or name.count("@") > 1
+            or name.startswith("@") or name.endswith("@")):
         return None, "the username %r is not a usable e-mail address" % _clean(name, 80)
     return name, None
 
 
-def _exempt(email, group, settings):
+def bypass_name(username):
+    """The form in which a username is compared with BYPASS_USERS, or None: exactly as typed
+    (but for surrounding spaces and case), ASCII only. The list lets people in without a second
+    factor, so no normalising here: "EVIL\\admin", or a look-alike such as "\u212aate" (a Kelvin
+    sign for the K), must not pass for "admin" or "kate"."""
+    if not isinstance(username, str) or not username.isascii():
+        return None
+    return username.strip(" \t").lower() or None
+
+
+def _exempt(username, group, settings):
     """Why this login needs no iVALT (a policy bypass), or None."""
-    if email in _BYPASS_EMAILS:
+    if bypass_name(username) in _BYPASS_NAMES:
         return "user in BYPASS_USERS"
     if isinstance(group, str) and group in settings.exempt_groups:
         return "group %s in EXEMPT_GROUPS" % group
@@ -1188,9 +1296,13 @@ def post_auth(authcred, attributes, authret, info):
         return _post_auth(authcred, attributes, authret, info, started)
     except Exception as exc:  # noqa: BLE001 - fail closed, whatever went wrong
         _log("warning", "internal error, login denied", error=repr(exc))
-        failed = authret if isinstance(authret, dict) else {}
-        failed.update(status=FAIL, reason="iVALT: internal error (%s), login denied" % _clean(type(exc).__name__, 60),
-                      client_reason=_CLIENT_REASON[INTERNAL_ERROR])
+        failed = {"status": FAIL, "reason": "iVALT: internal error (%s), login denied" % _clean(type(exc).__name__, 60),
+                  "client_reason": _CLIENT_REASON[INTERNAL_ERROR]}
+        try:  # into Access Server's own dict, keeping its other keys, if that dict lets us
+            authret.update(failed)
+            failed = authret
+        except Exception:  # noqa: BLE001, S110 - not a dict, or a hostile one: a fresh one says FAIL
+            pass
         return _deliver(failed)
 
 
@@ -1241,7 +1353,7 @@ def _post_auth(authcred, attributes, authret, info, started):
     if problem:
         return _deliver(_conclude(authret, Verdict(INVALID_USER, problem), context, None))
     proplist = authret.get("proplist")
-    bypass = _exempt(email, proplist.get("conn_group") if isinstance(proplist, dict) else None, _SETTINGS)
+    bypass = _exempt(username, proplist.get("conn_group") if isinstance(proplist, dict) else None, _SETTINGS)
     if bypass:
         return _deliver(_conclude(authret, Verdict(APPROVED, "bypass: " + bypass), context, None, bypass=True))
     attempt = Attempt(email, started, started + _SETTINGS.deadline_seconds, login_id)
@@ -1250,7 +1362,7 @@ def _post_auth(authcred, attributes, authret, info, started):
         deferred = run_deferred(
             flow, _API.perform, _executor(), attempt.deadline + 1.5 - time.monotonic(),
             lambda: Verdict(UNAVAILABLE, "iVALT service unavailable during the %s: call did not finish by the "
-                            "deadline" % (attempt.step or "lookup"), fail_open_eligible=not attempt.user_reached),
+                            "deadline" % (attempt.step or "lookup"), fail_open_eligible=not attempt.push_confirmed),
         )
         deferred.addCallback(lambda verdict: _conclude(authret, verdict, context, attempt))
         deferred.addErrback(lambda failure: _conclude(
@@ -1278,8 +1390,8 @@ def _conclude(authret, verdict, context, attempt, bypass=False):
                  "reached", id=context["id"], user=context["user"], detail=verdict.detail)
     else:
         authret["status"] = FAIL
-        authret["reason"] = mask_mobile(_clean("iVALT %s: %s (id=%s)" % (verdict.outcome, verdict.detail, context["id"]), 400))
-        authret["client_reason"] = mask_mobile(_clean(verdict.client_text, 160))
+        authret["reason"] = _scrub(_clean("iVALT %s: %s (id=%s)" % (verdict.outcome, verdict.detail, context["id"]), 400))
+        authret["client_reason"] = _scrub(_clean(verdict.client_text, 160))
     _log("info", "login end", id=context["id"], outcome=outcome, user=context["user"], method=context["method"],
          kind=context["kind"], duration="%.2fs" % (time.monotonic() - context["started"]),
          api_calls=attempt.calls if attempt else 0, pushes=attempt.pushes if attempt else 0,
@@ -1300,13 +1412,12 @@ if _SETTINGS.wait_mode == "deferred":
         SYNCHRONOUS = True
     except ImportError:
         _SETTINGS.errors.append("WAIT_MODE is 'deferred' but Twisted cannot be imported")
+_SECRETS.extend(secret for secret in (_SETTINGS.ivalt_secret_key, _proxy_password(_SETTINGS.https_proxy))
+                if secret and len(secret) >= 4)
 _GATE = RequestGate(_SETTINGS.request_budget_per_second or 25.0)
 _WAITING = WaitingLogins()
 _API = ApiClient(_SETTINGS)
-_BYPASS_EMAILS = set(
-    email for email, _ in (email_from_username(name, _SETTINGS.email_domain) for name in (_SETTINGS.bypass_users or []))
-    if email
-)
+_BYPASS_NAMES = set(bypass_name(name) for name in (_SETTINGS.bypass_users or [])) - {None}
 _EXECUTOR = []
 _EXECUTOR_LOCK = threading.Lock()
 
@@ -1380,7 +1491,7 @@ def _cmd_check(args, out):
             ": " + answer.detail if answer.detail else "")
         if tty:
             out.write("\r\033[K")
-        out.write("  %-17s %5.2fs  %s\n" % (labels[step], attempt.steps[-1][2], mask_mobile(_clean(what, 200))))
+        out.write("  %-17s %5.2fs  %s\n" % (labels[step], attempt.steps[-1][2], _scrub(_clean(what, 200))))
         out.flush()
 
     def sleep(seconds):
@@ -1401,9 +1512,9 @@ def _cmd_check(args, out):
     if tty:
         out.write("\r\033[K")
     total = time.monotonic() - started
-    out.write("result: %s%s\n" % (verdict.outcome.upper(), " - " + mask_mobile(_clean(verdict.detail, 300)) if verdict.detail else ""))
+    out.write("result: %s%s\n" % (verdict.outcome.upper(), " - " + _scrub(_clean(verdict.detail, 300)) if verdict.detail else ""))
     if verdict.outcome != APPROVED:
-        out.write("the user would see: %s\n" % mask_mobile(verdict.client_text))
+        out.write("the user would see: %s\n" % _scrub(verdict.client_text))
     out.write("timing: ")
     for step in ("lookup", "push", "poll"):
         times = [seconds for name, _, seconds in attempt.steps if name == step]
@@ -1421,7 +1532,7 @@ def _sacli(sacli, *arguments):
 
     try:
         done = subprocess.run([sacli] + list(arguments), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=60, universal_newlines=True)
+                              timeout=60, encoding="utf-8", errors="replace")
     except (OSError, subprocess.SubprocessError) as exc:
         return None, "cannot run %s: %s" % (sacli, exc)
     if done.returncode != 0:
@@ -1481,9 +1592,9 @@ def _cmd_doctor(args, out):
 
     def report(ok, title, fix=""):
         results.append(ok)
-        out.write("%s %s\n" % (marks[ok], title))
+        out.write("%s %s\n" % (marks[ok], _scrub(title)))
         if fix and ok is False:
-            out.write("    fix: %s\n" % fix)
+            out.write("    fix: %s\n" % _scrub(fix))
 
     bad_config = [p for p in _SETTINGS.errors if p.startswith("config file")]
     report(not bad_config, _SETTINGS.config_note if not bad_config else bad_config[0],
@@ -1539,7 +1650,7 @@ def _api_checks(report):
 
     host = _SETTINGS.api_host
     if _SETTINGS.https_proxy:
-        report(None, "DNS of %s: skipped, the proxy %s resolves it" % (host, _SETTINGS.https_proxy))
+        report(None, "DNS of %s: skipped, the proxy %s resolves it" % (host, _safe_url(_SETTINGS.https_proxy)))
     else:
         try:
             addresses = sorted(set(entry[4][0] for entry in socket.getaddrinfo(host, None)))
@@ -1576,6 +1687,8 @@ def _loaded_script_check(args, report):
     config, error = _sacli(args.sacli, "ConfigQuery")
     loaded = config.get(_SCRIPT_KEY) if isinstance(config, dict) else None
     mine, read_error = _read_script(args.script)
+    if not error and loaded is not None and not isinstance(loaded, str):
+        error = "sacli ConfigQuery gave %s for %s, not the script's text" % (type(loaded).__name__, _SCRIPT_KEY)
     if error:
         report(False, "could not read the loaded script: %s" % error)
     elif not loaded:
@@ -1691,6 +1804,8 @@ def cli(argv, out=None):
     if args.command not in handlers:
         parser.print_help(out)
         return 2
+    if out is sys.stdout and hasattr(out, "reconfigure"):
+        out.reconfigure(errors="backslashreplace")  # "check café" on an ASCII terminal
     try:
         return handlers[args.command](args, out)
     except KeyboardInterrupt:
@@ -1699,6 +1814,10 @@ def cli(argv, out=None):
     except BrokenPipeError:  # e.g. `main.py doctor | head`: no traceback, as the Python docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:  # noqa: BLE001 - an administrator gets a sentence, not a traceback
+        out.write("\ninternal error: %s: %s\n(please report it; python3 main.py doctor checks the setup)\n"
+                  % (type(exc).__name__, _scrub(_clean(exc, 200))))
+        return 2
     finally:
         shutdown()
 

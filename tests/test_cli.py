@@ -486,6 +486,34 @@ def test_doctor_a_value_of_the_wrong_type_names_the_setting_and_the_line(fake, c
     assert "DEADLINE_SECONDS must be a number from 1 to 600, got text '60' (line %d of %s)" % (line, path) in out, out
 
 
+def test_doctor_survives_a_sacli_that_prints_garbage(fake, config, tmp_path):
+    garbage = tmp_path / "sacli"
+    garbage.write_bytes(b"#!/bin/sh\nprintf '\\377\\376{'\n")
+    os.chmod(str(garbage), stat.S_IRWXU)
+    code, out, _ = run_main("doctor", "--sacli", str(garbage), config=config())
+    assert code == 1 and "Traceback" not in out, out
+    assert any("could not read the configuration" in line for line in marked(out, BAD)), out
+
+
+def test_doctor_survives_a_loaded_script_that_is_not_text(fake, config, sacli):
+    sacli.configure(script=5)
+    code, out, _ = run_main("doctor", "--sacli", sacli.path, config=config())
+    assert code == 1 and "Traceback" not in out, out
+    assert any("not the script's text" in line for line in marked(out, BAD)), out
+
+
+def test_check_on_an_ascii_terminal_has_no_traceback(fake, config):
+    env = child_env(config(), PYTHONIOENCODING="ascii")
+    code, out, _ = run_main("check", "caf\u00e9", env=env)
+    assert code in (1, 2) and "Traceback" not in out, out
+
+
+def test_doctor_never_shows_the_proxy_password(fake, config):
+    code, out, _ = run_main("doctor", "--sacli", "/nonexistent/sacli",
+                            config=config(HTTPS_PROXY="http://admin:s3cretpw@127.0.0.1:9"))
+    assert "s3cretpw" not in out and "admin:***@127.0.0.1:9" in out, out
+
+
 def test_doctor_checklist_marks_fall_back_to_ascii(fake, config):
     env = child_env(config(), PYTHONIOENCODING="ascii")
     code, out, _ = run_main("doctor", "--sacli", "/nonexistent/sacli", env=env)

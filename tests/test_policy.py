@@ -18,13 +18,32 @@ def end_line(out):
 
 def test_bypass_user_passes_without_api_call_and_is_logged(fake, access_server, capfd):
     server = access_server(BYPASS_USERS=["BreakGlass", "ops\\admin"])
-    for username in ("breakglass", "admin"):
+    for username in ("breakglass", " BREAKGLASS ", "OPS\\Admin"):
         result = server.login(username)
         assert result.authret["status"] == SUCCEED
         fields = end_line(capfd.readouterr().out)
         assert fields["outcome"] == "bypass" and "BYPASS_USERS" in fields["detail"]
     assert sum(fake.counts.values()) == 0
     assert server.login("tz").authret["status"] == FAIL  # everybody else still needs iVALT
+
+
+@pytest.mark.parametrize("username", [
+    "admin",  # the list names ops\admin: another domain's admin is someone else
+    "EVIL\\admin", "attacker\\ADMIN", "evil\\kate",
+    "\u212aate",  # KELVIN SIGN + "ate": lower-cases to "kate"
+    "\xa0kate\u3000",  # no-break and ideographic spaces around it
+    "kate@example.com",  # the e-mail form is not the name on the list
+])
+def test_bypass_is_an_exact_match_of_what_was_typed(fake, access_server, capfd, username):
+    """BYPASS_USERS lets people in without a second factor: no normalising, no look-alikes."""
+    result = access_server(BYPASS_USERS=["ops\\admin", "kate"]).login(username)
+    assert result.raised is None and result.authret["status"] == FAIL, result.authret
+    assert "bypass" not in capfd.readouterr().out
+
+
+def test_a_bypass_entry_that_could_never_match_is_a_settings_error(fake, access_server):
+    result = access_server(BYPASS_USERS=["\u212aate"]).login("kate")
+    assert result.authret["status"] == FAIL and "BYPASS_USERS entry" in result.authret["reason"]
 
 
 def test_exempt_group(fake, access_server, capfd):

@@ -191,6 +191,72 @@ def test_arbitrary_answers_through_post_auth(quick_script, endpoint, status, bod
         assert result["status"] == FAIL
 
 
+# ----------------------------------------------------------------------------- hostile API text
+
+HOSTILE = '<script>alert(1)</script> key=%s mobile +1 (555) 123-0001' % API_KEY
+
+
+@pytest.mark.parametrize("endpoint, detail", [
+    ("lookup", HOSTILE),
+    ("push", HOSTILE),
+    ("lookup", [{"loc": ["body"], "input": API_KEY, "msg": "<b>bad</b>"}, {"input": "+15551230001"}]),
+])
+def test_the_user_never_sees_the_apis_own_text(fake, access_server, capfd, endpoint, detail):
+    """Not enrolled: the user sees our fixed sentence; the server log gets the API's detail, without
+    markup, key or phone number (the API, or whatever answers in its place, can send anything)."""
+    fake.inject(endpoint, Fault.response(404, {"data": None, "error": {"status": 404, "detail": detail}}))
+    result = access_server().login("alice")
+    out = capfd.readouterr().out
+    assert result.authret["status"] == FAIL
+    assert result.authret["client_reason"] == "The email provided (alice@example.com) was not found"
+    reason = result.authret["reason"]
+    assert "<" not in reason and ">" not in reason, reason
+    assert API_KEY not in reason + out and "555) 123-0001" not in reason + out and "+15551230001" not in reason + out
+
+
+def test_a_gateway_that_echoes_the_key_does_not_put_it_in_the_reason(fake, access_server, capfd):
+    fake.inject("lookup", Fault.response(403, {"message": "Forbidden: invalid key %s" % API_KEY}))
+    result = access_server().login("alice")
+    assert result.authret["status"] == FAIL and "bad_key" in result.authret["reason"]
+    assert API_KEY not in result.authret["reason"] and "[secret]" in result.authret["reason"]
+
+
+def test_a_key_of_digits_is_removed_before_phone_numbers_are_masked(fake, load_main, capfd):
+    key = "ZXk9Q-5551234567-abcd"  # digit masking first would leave "ZXk9Q-" and "-abcd" with the last digits
+    fake.api_key = key
+    script = load_main(**settings_for(fake.url, IVALT_SECRET_KEY=key))
+    fake.inject("lookup", Fault.response(403, {"message": "Forbidden: %s" % key}))
+    result = AccessServer(script).login("alice")
+    text = result.authret["reason"] + capfd.readouterr().out
+    assert "ZXk9Q" not in text and "abcd" not in text, text
+
+
+@pytest.mark.parametrize("username", ["\udcffalice", "a\udcff", "ali\u200bce"])
+def test_an_unwritable_username_still_gets_its_log_lines(fake, access_server, capfd, username):
+    result = access_server().login(username=username)
+    out = capfd.readouterr().out
+    assert result.authret["status"] == FAIL and "invalid_user" in result.authret["reason"]
+    assert "login start" in out and "login end" in out and "outcome=invalid_user" in out
+
+
+def test_a_poll_answer_nested_too_deep_for_the_parser_fails_closed_with_its_end_line(fake, access_server, capfd):
+    fake.inject("poll", Fault.response(200, "[" * 50000, "application/json"), times=None)
+    result = access_server(DEADLINE_SECONDS=1, CALL_TIMEOUT_SECONDS=1).login("alice")
+    out = capfd.readouterr().out
+    assert result.authret["status"] == FAIL and "non-JSON body" in result.authret["reason"], result.authret
+    assert "outcome=unavailable" in out
+
+
+def test_logins_paused_by_another_logins_429_say_throttled(fake, access_server):
+    fake.inject("lookup", Fault.response(429, {"message": "Too Many Requests"}, headers={"Retry-After": "20"}))
+    server = access_server()
+    first = server.login("alice")
+    second = server.login("tz")  # arrives during the 20 s shared pause, which outlasts its deadline
+    assert "throttled" in first.authret["reason"]
+    assert second.authret["status"] == FAIL and second.authret["reason"].startswith("iVALT throttled: "), second.authret
+    assert second.authret["client_reason"] == "SERVICE_UNAVAILABLE"
+
+
 # ----------------------------------------------------------------------------- one approval, one login
 
 def test_a_second_login_of_the_same_user_fails_while_the_first_waits(fake, access_server, mode):
@@ -329,7 +395,14 @@ GOOD = 'IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://127.0.0.1:9"\n' % API_K
     (GOOD + "REQUIRE_FOR_WEB_LOGIN = 'no'\n", 0o600, "REQUIRE_FOR_WEB_LOGIN must be True or False"),
     ('IVALT_SECRET_KEY = "<ivalt_secret_key>"\n', 0o600, "IVALT_SECRET_KEY is not configured"),
     ('IVALT_SECRET_KEY = ""\n', 0o600, "IVALT_SECRET_KEY is not configured"),
-    (GOOD + 'IVALT_API_URL = "http://api.ivalt.com"\n', 0o600, "must use https://"),
+    ('IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://api.ivalt.com"\n' % API_KEY, 0o600, "must use https://"),
+    ('IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://127.evil.example"\n' % API_KEY, 0o600, "must use https://"),
+    (GOOD + 'FAIL_MODE = "closed"\nFAIL_MODE = "open"\n', 0o600, "line 4: FAIL_MODE is set twice (first on line 3)"),
+    (GOOD + "BYPASS_USERS = {[]: 1}\n", 0o600, "BYPASS_USERS must be a plain value"),
+    (GOOD + "EXEMPT_GROUPS = {[1]}\n", 0o600, "EXEMPT_GROUPS must be a plain value"),
+    (GOOD + "DEADLINE_SECONDS = " + "-" * 100000 + "1\n", 0o600, "config file"),
+    (GOOD + "HTTP_THREADS = 0x" + "f" * 5000 + "\n", 0o600, "HTTP_THREADS must be a number from 1 to 64"),
+    (GOOD + "BYPASS_USERS = " + "[" * 5000 + "]" * 5000 + "\n", 0o600, "config file"),
     (GOOD + 'CA_BUNDLE = "/nonexistent/ca.pem"\n', 0o600, "CA_BUNDLE /nonexistent/ca.pem is not a readable file"),
 ])
 def test_bad_config_fails_every_login_closed_with_a_clear_reason(load_main, text, chmod, expected):
@@ -363,6 +436,28 @@ def test_config_in_a_folder_others_can_write_is_refused(fake, tmp_path, folder_m
         assert sum(fake.counts.values()) == 0
     else:
         assert result.authret["status"] == SUCCEED
+
+
+def test_a_symlink_or_a_subfolder_does_not_hide_a_folder_others_can_write(fake, tmp_path):
+    from asemu import load_script
+    from conftest import MAIN, write_config
+
+    safe, open_to_all = tmp_path / "safe", tmp_path / "open"
+    safe.mkdir()
+    open_to_all.mkdir()
+    (open_to_all / "sub").mkdir()
+    real = write_config(safe / "ivalt_config.py", **settings_for(fake.url))
+    os.symlink(real, str(open_to_all / "link.py"))
+    nested = write_config(open_to_all / "sub" / "ivalt_config.py", **settings_for(fake.url))
+    os.chmod(str(open_to_all), 0o777)
+    try:
+        for path in (str(open_to_all / "link.py"), nested):
+            script = load_script(MAIN, env={"IVALT_CONFIG": path, "IVALT_SECRET_KEY": None, "IVALT_API_URL": None})
+            script.ns["shutdown"]()
+            assert any("config file folder %s is writable by group or others" % open_to_all in problem
+                       for problem in script.ns["_SETTINGS"].errors), (path, script.ns["_SETTINGS"].errors)
+    finally:
+        os.chmod(str(open_to_all), 0o700)
 
 
 def test_an_invalid_inline_setting_never_skips_the_second_factor(fake):

@@ -107,6 +107,37 @@ def test_retry_after(m):
     assert parse("7") == 7.0
     assert parse(None) is None and parse("soon") is None
     assert 0 <= parse("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    for odd in ("\u00b2", "\u00b3", "-1", "1e9", "NaN", "9" * 400, "", "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 99 Foo"):
+        value = parse(odd)  # never raises; "²" passes str.isdigit() but not float()
+        assert value is None or 0 <= value <= 86400 or odd.startswith("Fri"), (odd, value)
+
+
+def test_masking_covers_written_phone_numbers_and_secrets_go_first(m):
+    assert m["mask_mobile"]("call +1 (555) 123-0001 now") == "call +* (***) ***-**01 now"
+    assert m["mask_mobile"]("took 4.12s, port 51234") == "took 4.12s, port 51234"
+    m["_SECRETS"].append("ZXk9Q-5551234567-abcd")
+    try:
+        assert m["_scrub"]("key ZXk9Q-5551234567-abcd") == "key [secret]"
+    finally:
+        m["_SECRETS"].pop()
+
+
+def test_a_proxy_password_is_never_shown(m):
+    assert m["_safe_url"]("http://admin:s3cretpw@proxy.example:3128") == "http://admin:***@proxy.example:3128"
+    assert m["_proxy_password"]("http://admin:s3cretpw@proxy.example:3128") == "s3cretpw"
+    assert m["_proxy_password"]("http://proxy.example:3128") is None
+
+
+@pytest.mark.parametrize("host, loopback", [("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True),
+                                            ("[::1]", True), ("127.evil.example", False), ("localhost.evil", False),
+                                            ("10.0.0.1", False)])
+def test_only_loopback_addresses_may_use_plain_http(m, host, loopback):
+    assert m["_is_loopback"](host) is loopback
+
+
+def test_json_too_deep_to_parse_is_not_json(m):
+    answer = m["classify_poll"](m["Reply"](200, {"Content-Type": "application/json"}, b"[" * 50000))
+    assert (answer.kind, answer.final) == ("unavailable", False) and "non-JSON" in answer.detail
 
 
 @pytest.mark.parametrize("exception, kind, sent", [
@@ -129,7 +160,8 @@ def test_username_variants_are_one_identity(m, username):
 
 
 @pytest.mark.parametrize("username", ["", "   ", None, 42, "a" * 10000, "ali\x00ce", "alice\r", "alice\nid=forged",
-                                      "al ice", "@", "a@b@c", b"alice"])
+                                      "al ice", "@", "a@b@c", b"alice", "admin\u200b", "\ufeffalice", "\udcffalice",
+                                      "ali\u202ece", "<script>@x", 'a"b', "a`b", "a,b", "a;b"])
 def test_unusable_usernames(m, username):
     email, problem = m["email_from_username"](username, "example.com")
     assert email is None and problem
