@@ -11,7 +11,8 @@ Check:   python3 main.py doctor        python3 main.py check alice@example.com
 The file's order is its architecture: settings -> outcome vocabulary -> pure classification of
 API answers -> the verification flow (a generator that never touches a socket or a clock) ->
 drivers (blocking, Twisted Deferred) -> Access Server hook -> command line.
-Access Server runs this file's TEXT (no __file__, __name__ is not "__main__"), so it stays one file.
+Access Server runs this file's TEXT (it has no path of its own, and __name__ is not "__main__"), so it
+stays one file.
 """
 
 import ast
@@ -152,8 +153,9 @@ def _describe(value):
 
 
 def _as_text(name, value):
-    if not isinstance(value, str):
-        raise ValueError("%s must be text in quotes, got %s" % (name, _describe(value)))
+    if not isinstance(value, str):  # a key given the wrong way is still a key: never shown
+        shown = type(value).__name__ if name == "IVALT_SECRET_KEY" else _describe(value)
+        raise ValueError("%s must be text in quotes, got %s" % (name, shown))
     return value.strip()
 
 
@@ -363,7 +365,7 @@ def _check_relations(settings):
         settings.ivalt_api_url = url
         match = re.match(r"^(https?)://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?(/[A-Za-z0-9._~/-]*)?$", url)
         if not match:
-            problems.append("IVALT_API_URL %r is not a valid https:// URL" % _clean(url, 80))
+            problems.append("IVALT_API_URL %r is not a valid https:// URL" % _clean(_safe_url(url), 80))
         elif match.group(1) == "http" and not _is_loopback(match.group(2)):
             problems.append("IVALT_API_URL must use https:// (plain http:// only for a loopback test server)")
         settings.api_host = match.group(2).strip("[]").lower() if match else ""
@@ -964,7 +966,8 @@ def _poll(attempt, settings, gate, clock, observe, mobile):
         # iVALT confirmed the push: it was reachable, and the question is with the user, who may
         # have said no. An outage now is no reason to let anyone in, whatever FAIL_MODE says.
         verdict.fail_open_eligible = False
-        verdict.detail = "the service stopped answering after the push was sent: " + verdict.detail
+        if verdict.outcome == UNAVAILABLE:
+            verdict.detail = "the service stopped answering after the push was sent: " + verdict.detail
         return verdict
     return Verdict(TIMED_OUT, "the user did not answer within %gs" % settings.deadline_seconds)
 
@@ -1466,7 +1469,7 @@ def _cmd_check(args, out):
     """Run the real flow for one e-mail address, showing each step; exit 0/1/2."""
     if _SETTINGS.errors or requests is None:
         for problem in _SETTINGS.errors or ["the Python module 'requests' is missing: python3 -m pip install requests"]:
-            out.write("configuration error: %s\n" % problem)
+            out.write("configuration error: %s\n" % _scrub(problem))
         out.write("run 'python3 main.py doctor' for the full checklist\n")
         return 2
     email, problem = email_from_username(args.email, _SETTINGS.email_domain)
@@ -1748,7 +1751,7 @@ def _cmd_install(args, out):
         for why, details, fix in refusals:
             out.write("%s: %s:\n" % ("a real install would refuse" if args.dry_run else "refusing to install", why))
             for detail in details:
-                out.write("  - %s\n" % detail)
+                out.write("  - %s\n" % _scrub(detail))
             out.write("%s, or use --force\n" % fix)
         if not args.dry_run:
             return 1

@@ -394,6 +394,10 @@ GOOD = 'IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://127.0.0.1:9"\n' % API_K
     (GOOD + "BYPASS_USERS = 'admin'\n", 0o600, "BYPASS_USERS must be a list"),
     (GOOD + "REQUIRE_FOR_WEB_LOGIN = 'no'\n", 0o600, "REQUIRE_FOR_WEB_LOGIN must be True or False"),
     ('IVALT_SECRET_KEY = "<ivalt_secret_key>"\n', 0o600, "IVALT_SECRET_KEY is not configured"),
+    ('IVALT_SECRET_KEY = 98765432\nIVALT_API_URL = "http://127.0.0.1:9"\n', 0o600,
+     "IVALT_SECRET_KEY must be text in quotes, got int (line 1"),
+    ('IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "https://user:pw-s3cret@api.ivalt.com"\n' % API_KEY, 0o600,
+     "'https://user:***@api.ivalt.com' is not a valid"),
     ('IVALT_SECRET_KEY = ""\n', 0o600, "IVALT_SECRET_KEY is not configured"),
     ('IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://api.ivalt.com"\n' % API_KEY, 0o600, "must use https://"),
     ('IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://127.evil.example"\n' % API_KEY, 0o600, "must use https://"),
@@ -405,8 +409,10 @@ GOOD = 'IVALT_SECRET_KEY = "%s"\nIVALT_API_URL = "http://127.0.0.1:9"\n' % API_K
     (GOOD + "BYPASS_USERS = " + "[" * 5000 + "]" * 5000 + "\n", 0o600, "config file"),
     (GOOD + 'CA_BUNDLE = "/nonexistent/ca.pem"\n', 0o600, "CA_BUNDLE /nonexistent/ca.pem is not a readable file"),
 ])
-def test_bad_config_fails_every_login_closed_with_a_clear_reason(load_main, text, chmod, expected):
+def test_bad_config_fails_every_login_closed_with_a_clear_reason(load_main, capfd, text, chmod, expected):
     result, loaded = login_with_config(load_main, text, chmod=chmod)
+    out = capfd.readouterr().out
+    assert "98765432" not in out + result.authret["reason"] and "pw-s3cret" not in out + result.authret["reason"]
     assert result.raised is None
     assert result.authret["status"] == FAIL
     assert result.authret["client_reason"] == "SERVICE_MISCONFIGURED"
