@@ -309,16 +309,26 @@ def _blocking_call(func: Any, *args: Any, **kwargs: Any) -> Any:
 def pool_stats() -> dict[str, int]:
     """Current state of the reactor's thread pool.
 
-    ``busy``: threads running a work item (``len(pool.working)``);
-    ``idle``: started threads waiting for work (``len(pool.waiters)``);
-    ``backlog``: work items queued because all ``max`` threads are busy
-    (``pool.q.qsize()``); ``max``: the pool limit.
+    ``busy``: threads running a work item; ``idle``: started threads waiting
+    for work; ``backlog``: work items queued because all ``max`` threads are
+    busy; ``max``: the pool limit.
+
+    One snapshot of the pool's team, read without allocating much: the legacy
+    attributes (``pool.working``, ``pool.q.qsize()``) build a list and define
+    a new class on every read, and PoolMonitor reads a thousand times a second.
+    That garbage (cycles of type objects) set off full garbage collections,
+    which stop the reactor: the instrument disturbed what it measured.
     """
     pool = get_reactor().getThreadPool()
+    team = getattr(pool, "_team", None)
+    if team is None:  # a Twisted without the team-based pool
+        return {"busy": len(pool.working), "idle": len(pool.waiters),
+                "backlog": pool.q.qsize(), "max": pool.max}
+    stats = team.statistics()
     return {
-        "busy": len(pool.working),
-        "idle": len(pool.waiters),
-        "backlog": pool.q.qsize(),
+        "busy": stats.busyWorkerCount,
+        "idle": stats.idleWorkerCount,
+        "backlog": stats.backloggedWorkCount,
         "max": pool.max,
     }
 
