@@ -1169,52 +1169,73 @@ def run_deferred(flow, perform, executor, hard_stop, on_timeout):
     """Drive the flow from the Twisted reactor: waits are reactor timers and each API call runs
     briefly in `executor`, so a waiting user holds no thread and the reactor never blocks.
     `hard_stop` seconds from now the Deferred fires with on_timeout() whatever a call is doing."""
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
+    return _ReactorDriver(flow, perform, executor, hard_stop, on_timeout).result
 
-    result = Deferred()
-    state = {"done": False, "timer": None}
 
-    def finish(verdict):
-        if state["done"]:
+class _ReactorDriver:
+    """run_deferred's state for one login. When the login ends it drops its timers and its flow,
+    so nothing it built is left in a reference cycle: refcounting frees each login at once,
+    instead of leaving hundreds of them to Access Server's garbage collector, whose full
+    collections stop the reactor."""
+
+    def __init__(self, flow, perform, executor, hard_stop, on_timeout):
+        from twisted.internet import reactor
+        from twisted.internet.defer import Deferred
+
+        self.reactor, self.flow, self.perform, self.executor = reactor, flow, perform, executor
+        self.on_timeout = on_timeout
+        self.result = Deferred()
+        self.done = False
+        self.watchdog = reactor.callLater(max(0.0, hard_stop), self.expire)
+        # The flow starts on the next reactor turn, not inside post_auth: when many logins arrive
+        # in one turn, the first ones' API calls would otherwise already compete (requests works
+        # under the same GIL) with the reactor while it is still dispatching the others.
+        self.timer = reactor.callLater(0, self.advance, None)
+
+    def expire(self):
+        self.watchdog = None  # it has fired
+        if not self.done:
+            self.finish(self.on_timeout())
+
+    def finish(self, verdict):
+        if self.done:
             return
-        state["done"] = True
-        for timer in (state["timer"], watchdog):
+        self.done = True
+        for timer in (self.timer, self.watchdog):
             if timer is not None and timer.active():
                 timer.cancel()
+        self.timer = self.watchdog = None
+        flow, self.flow, self.perform, self.executor, self.on_timeout = self.flow, None, None, None, None
         flow.close()
-        result.callback(verdict)
+        self.result.callback(verdict)
 
-    def advance(value):
-        if state["done"]:
+    def advance(self, value):
+        self.timer = None
+        if self.done:
             return
         try:
-            effect = flow.send(value)
+            effect = self.flow.send(value)
         except StopIteration as stop:
-            finish(stop.value)
+            self.finish(stop.value)
             return
         except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed
-            finish(Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160)))
+            self.finish(Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160)))
             return
         if isinstance(effect, Sleep):
-            state["timer"] = reactor.callLater(effect.seconds, advance, None)
+            self.timer = self.reactor.callLater(effect.seconds, self.advance, None)
         else:
-            future = executor.submit(perform, effect)
-            future.add_done_callback(lambda done: reactor.callFromThread(replied, done))
+            future = self.executor.submit(self.perform, effect)
+            future.add_done_callback(self.reply_arrived)
 
-    def replied(future):
+    def reply_arrived(self, future):  # in the HTTP thread
+        self.reactor.callFromThread(self.replied, future)
+
+    def replied(self, future):
         try:
             reply = future.result()
         except Exception as exc:  # noqa: BLE001 - perform() does not raise; this is a last guard
             reply = Reply(error=describe_transport_error(exc))
-        advance(reply)
-
-    watchdog = reactor.callLater(max(0.0, hard_stop), lambda: finish(on_timeout()))
-    # The flow starts on the next reactor turn, not inside post_auth: when many logins arrive
-    # in one turn, the first ones' API calls would otherwise already compete (requests works
-    # under the same GIL) with the reactor while it is still dispatching the others.
-    state["timer"] = reactor.callLater(0, advance, None)
-    return result
+        self.advance(reply)
 
 
 # =================================================================================================

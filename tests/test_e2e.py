@@ -138,3 +138,38 @@ def test_key_sent_only_in_its_header(fake, access_server):
         assert record.headers["x-api-key"] == "test-key-QX7yW2"
         assert "test-key-QX7yW2" not in str(record.body)
     assert fake.log[1].body["mobile"] == "+15551230001" and fake.log[1].body["requestFrom"]
+
+
+def test_finished_logins_leave_nothing_for_the_garbage_collector(fake, access_server, mode):
+    """A login's state (flow, timers, answers) is freed by refcounting as soon as it ends. Left in
+    reference cycles, 200 waiting logins' state would pile up for Access Server's full garbage
+    collections, which stop every thread, the reactor's too, for tens of milliseconds."""
+    import gc
+
+    server = access_server()
+    server.login("alice")  # warm: imports and caches made on first use are not per login
+    ns = server.script.ns
+    own_types = tuple(v for v in ns.values() if isinstance(v, type) and v.__module__ == ns["__name__"])
+
+    def from_main(obj):
+        if isinstance(obj, own_types):
+            return True
+        if type(obj).__name__ in ("function", "generator", "frame"):
+            glob = getattr(obj, "__globals__", None) or getattr(getattr(obj, "gi_frame", None), "f_globals", None) \
+                or getattr(obj, "f_globals", None)
+            return glob is ns
+        return False
+
+    gc.collect()
+    gc.disable()
+    try:
+        outcomes = [server.login(name).authret["status"] for name in ("alice", "tz", "deny", "nobody", "alice")]
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        left = [obj for obj in gc.garbage if from_main(obj)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert outcomes == [SUCCEED, FAIL, FAIL, FAIL, SUCCEED]
+    assert left == [], "main.py objects freed only by the garbage collector: %r" % left[:10]
