@@ -7,7 +7,10 @@ process-global, so they run one after another):
   thread (ours)    POLL_INTERVAL_SECONDS=1, WAIT_MODE "thread"  (the defaults)
   deferred (ours)  POLL_INTERVAL_SECONDS=1, WAIT_MODE "deferred"
 
-Scenarios, each with a fresh FakeIvalt and a freshly loaded main.py:
+Scenarios, each with a fresh FakeIvalt and a freshly loaded main.py. The fake serves from a child
+process (RemoteFake), as the real API serves from far away: inside Access Server the API's parsing,
+logging and threads take none of the server's GIL, heap or garbage collections, and an in-process
+fake charged all of that to the reactor being measured (--fake-in-process brings it back):
 
   1+2  latency    N logins (30) at once, distinct users approving uniformly 2-8 s after their push
                   (same seeded delays for every configuration), budget 10000 req/s:
@@ -56,7 +59,7 @@ from asemu import (  # noqa: E402 - after the sys.path change
     load_script,
     wait_pool_idle,
 )
-from fake_ivalt import FakeIvalt  # noqa: E402
+from fake_ivalt import FakeIvalt, RemoteFake  # noqa: E402
 
 MAIN = os.path.join(ROOT, "main.py")
 OUT = os.path.join(HERE, "out")
@@ -68,6 +71,7 @@ LOW_BUDGET = 20
 BURST = 5  # RequestGate's burst allowance
 HAND_WINDOW = 60.0  # OpenVPN's default TLS hand-window: a later grant is no grant
 SEED = 20240601
+FAKE_IN_CHILD = [True]  # serve the fake API from a child process (--fake-in-process: from this one)
 
 CONFIGS = [
     ("reference-like", {"POLL_INTERVAL_SECONDS": 5.0, "WAIT_MODE": "thread"}),
@@ -175,7 +179,7 @@ class Run:
         self.label = label
         self.approvals = approvals  # seconds from push to answer, one per user
         self.log = log
-        self.fake = FakeIvalt(api_key=API_KEY).start()
+        self.fake = RemoteFake(api_key=API_KEY) if FAKE_IN_CHILD[0] else FakeIvalt(api_key=API_KEY).start()
         for i, after in enumerate(approvals):
             _, email, mobile = user(i)
             self.fake.add_user(email, mobile, behaviour="approve", after=after)
@@ -227,10 +231,7 @@ class Run:
         under its own lock, the one a push takes, so no push slips in between."""
         unfinished = [c for c in calls if not c.done]
         if unfinished:
-            with self.fake._lock:
-                for u in self.fake._users_by_mobile.values():
-                    if u.push_at is None:
-                        u.behaviour, u.after = "deny401", 0.0
+            self.fake.deny_unpushed()
             with contextlib.redirect_stdout(self.log):
                 deadline = time.monotonic() + timeout
                 for call in unfinished:
@@ -490,11 +491,14 @@ def main(argv=None):
     parser.add_argument("--cap", type=float, default=75.0, help="wall-time cap per burst scenario (default 75 s)")
     parser.add_argument("--stall-repeats", type=int, default=5,
                         help="run the deferred burst this many more times for the stall distribution (default 5)")
+    parser.add_argument("--fake-in-process", action="store_true",
+                        help="serve the fake API from this process instead of a child process (for comparison)")
     parser.add_argument("--replot", metavar="JSON", help="only draw docs/time_to_result.png again from a --json file")
     args = parser.parse_args(argv)
     if args.replot:
         replot(args.replot, args.cap)
         return 0
+    FAKE_IN_CHILD[0] = not args.fake_in_process
     n_lat = args.latency_logins or (10 if args.quick else 30)
     n = args.logins or (40 if args.quick else 200)
     rng = random.Random(SEED)
@@ -529,8 +533,9 @@ def main(argv=None):
         os.makedirs(os.path.dirname(DOCS_PNG), exist_ok=True)
         shutil.copyfile(png, DOCS_PNG)
 
-    print("iVALT post-auth benchmark: main.py %s, Python %s, %d logins (latency) / %d logins (burst)%s"
-          % (load_version(), sys.version.split()[0], n_lat, n, "  [--quick]" if args.quick else ""))
+    print("iVALT post-auth benchmark: main.py %s, Python %s, %d logins (latency) / %d logins (burst), fake API %s%s"
+          % (load_version(), sys.version.split()[0], n_lat, n,
+             "in this process" if args.fake_in_process else "in a child process", "  [--quick]" if args.quick else ""))
     print()
     print(table(results, args))
     print()

@@ -30,6 +30,7 @@ Standard library only; importable by Python 3.8.
 import collections
 import http.server
 import json
+import multiprocessing
 import socket
 import socketserver
 import sys
@@ -52,6 +53,7 @@ __all__ = [
     "FakeIvalt",
     "Fault",
     "LoggedRequest",
+    "RemoteFake",
 ]
 
 # URL path -> short endpoint name used by counts, log records and inject().
@@ -639,6 +641,17 @@ class FakeIvalt:
             self._users_by_email[email] = user
             self._users_by_mobile[mobile] = user
 
+    def deny_unpushed(self):
+        """Every user no push has reached yet now denies at once (a denial is final).  Done
+        under the lock a push takes, so no push slips in between.  Returns how many changed."""
+        changed = 0
+        with self._lock:
+            for user in self._users_by_mobile.values():
+                if user.push_at is None:
+                    user.behaviour, user.after = "deny401", 0.0
+                    changed += 1
+        return changed
+
     def answer_due_at(self, mobile):
         """time.monotonic() at which the current answer for ``mobile`` became (or becomes)
         visible; None before any push or for behaviour "never"."""
@@ -786,3 +799,101 @@ class FakeIvalt:
                 return 401, _error(401, DETAIL_DENIED, path)
             # "deny_detail": a denial reported the way policy failures are (a guess).
             return 403, _error(403, DETAIL_DENIED, path, title="Forbidden")
+
+
+# ---------------------------------------------------------------------------- in a child process
+
+
+def _serve_remote(conn, api_key):
+    """The child's side of RemoteFake: one FakeIvalt, driven by (name, args, kwargs) messages."""
+    fake = FakeIvalt(api_key=api_key).start()
+    conn.send(("ok", fake.url))
+    try:
+        while True:
+            name, args, kwargs = conn.recv()
+            if name == "_exit":
+                break
+            try:
+                if name == "_get":
+                    value = getattr(fake, args[0])
+                    if isinstance(value, dict):  # a snapshot, taken under the fake's lock
+                        with fake._lock:
+                            value = dict(value)
+                else:
+                    value = getattr(fake, name)(*args, **kwargs)
+                conn.send(("ok", value))
+            except Exception as exc:  # noqa: BLE001 - the parent raises it
+                conn.send(("error", "%s: %s" % (type(exc).__name__, exc)))
+    finally:
+        fake.stop()
+        conn.close()
+
+
+class RemoteFake:
+    """A FakeIvalt served from a child process, as the real API is served from far away.
+
+    Inside Access Server the API's own work (parsing, logging, its threads) takes none of
+    the server's CPU time, GIL or heap; an in-process fake would charge all of that to the
+    reactor being measured.  The benchmark uses this.  Methods are called over a pipe:
+    ``add_user``, ``answer_due_at``, ``max_rate``, ``deny_unpushed``, ``inject``,
+    ``clear_faults``, ``reset_counts``; ``get(name)`` reads a public attribute (dicts are
+    copied under the fake's lock).  Times are time.monotonic(), the same clock in both
+    processes on Linux.
+    """
+
+    def __init__(self, api_key="test-key", timeout=20.0):
+        context = multiprocessing.get_context("spawn")  # never fork a process running threads
+        self._conn, child_conn = context.Pipe()
+        self._lock = threading.Lock()
+        self._timeout = timeout
+        self._process = context.Process(target=_serve_remote, args=(child_conn, api_key),
+                                        name="fake-ivalt", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self.url = self._reply("start")
+
+    def _reply(self, what):
+        if not self._conn.poll(self._timeout):
+            raise RuntimeError("the fake iVALT process did not answer %s within %.0f s" % (what, self._timeout))
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError("the fake iVALT process: %s" % value)
+        return value
+
+    def _call(self, name, *args, **kwargs):
+        with self._lock:
+            self._conn.send((name, args, kwargs))
+            return self._reply(name)
+
+    def get(self, name):
+        return self._call("_get", name)
+
+    @property
+    def counts(self):
+        return self.get("counts")
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+    def stop(self):
+        if self._process is None:
+            return
+        try:
+            with self._lock:
+                self._conn.send(("_exit", (), {}))
+        except OSError:
+            pass
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5)
+        self._conn.close()
+        self._process = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()

@@ -21,6 +21,7 @@ from fake_ivalt import (
     MSG_PUSH_SENT,
     FakeIvalt,
     Fault,
+    RemoteFake,
 )
 from netfaults import (
     Blackhole,
@@ -386,6 +387,39 @@ def test_fault_delay_then_normal(fake, session):
     push(session, fake)
     assert time.monotonic() - started >= 0.3
     assert fake.pushes_delivered == {ALICE_MOBILE: 1}  # a delayed push is delivered
+
+
+def test_deny_unpushed_changes_only_users_not_pushed_yet(fake, session):
+    fake.add_user(ALICE, ALICE_MOBILE, behaviour="approve", after=0.2)
+    fake.add_user("bob@example.com", "+15551234568", behaviour="approve", after=0.2)
+    push(session, fake)
+    assert fake.deny_unpushed() == 1
+    push(session, fake, "+15551234568")
+    assert_error(call(session, fake, "poll", {"mobile": "+15551234568"}), 401, DETAIL_DENIED)
+    time.sleep(0.25)
+    assert_approved(call(session, fake, "poll", {"mobile": ALICE_MOBILE}))
+
+
+def test_remote_fake_serves_from_a_child_process(session):
+    with RemoteFake(api_key=KEY) as remote:
+        remote.add_user(ALICE, ALICE_MOBILE, behaviour="approve", after=0.0)
+        assert call(session, remote, "lookup", {"email": ALICE}).status_code == 200
+        before = time.monotonic()
+        push(session, remote)
+        assert before <= remote.answer_due_at(ALICE_MOBILE) <= time.monotonic()  # one clock for both
+        assert_approved(call(session, remote, "poll", {"mobile": ALICE_MOBILE}))
+        assert remote.counts == {"lookup": 1, "push": 1, "poll": 1, "result": 0, "other": 0}
+        assert remote.get("pushes_delivered") == {ALICE_MOBILE: 1}
+        assert remote.max_rate(1.0) == 3
+        assert remote.deny_unpushed() == 0
+        with pytest.raises(RuntimeError, match="ValueError: behaviour must be one of"):
+            remote.add_user("x@example.com", "+15550000000", behaviour="nonsense")
+        with pytest.raises(RuntimeError, match="AttributeError"):
+            remote.no_such_method()
+        url = remote.url
+    remote.stop()  # a second stop is harmless
+    with pytest.raises(requests.ConnectionError):
+        session.post(url + ENDPOINT_PATHS["lookup"], json={"email": ALICE}, timeout=2)
 
 
 def test_inject_validates_arguments(fake):
