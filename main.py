@@ -1134,6 +1134,21 @@ def _read_body(response, ends, clock):
 _CALL_GRACE = 0.5  # seconds past a call's own timeout before a driver gives up waiting for it
 
 
+def _close(flow):
+    """End the flow (its `finally` clauses run). The login's verdict is already decided: a flow
+    that fails even to close is logged, and does not take the verdict with it."""
+    try:
+        flow.close()
+    except Exception as exc:  # noqa: BLE001 - a bug in the flow's cleanup
+        _log("warning", "internal error while ending a login", detail=_clean(repr(exc), 160))
+
+
+def _unfinished(call):
+    """What a driver hands the flow for a call it gave up waiting for: an outage like any other."""
+    return Reply(error=TransportError("call did not finish", "within %.1fs (a DNS lookup that hangs?)"
+                                      % (call.timeout + _CALL_GRACE)))
+
+
 def run_blocking(flow, perform, sleep=time.sleep, executor=None):
     """Drive the flow in the calling thread (Access Server worker thread, command line). With an
     `executor`, each call runs there and is given up _CALL_GRACE after its timeout: requests
@@ -1157,19 +1172,20 @@ def run_blocking(flow, perform, sleep=time.sleep, executor=None):
                 try:
                     value = future.result(timeout=effect.timeout + _CALL_GRACE)
                 except Exception:  # noqa: BLE001 - a timeout (or a bug in perform): no answer to this call
-                    value = Reply(error=TransportError("call did not finish", "within %.1fs (a DNS lookup that hangs?)"
-                                                       % (effect.timeout + _CALL_GRACE)))
+                    future.cancel()  # if it is still queued behind other logins' calls, it never runs
+                    value = _unfinished(effect)
     except StopIteration as stop:
         return stop.value
     finally:
-        flow.close()
+        _close(flow)
 
 
-def run_deferred(flow, perform, executor, hard_stop, on_timeout):
+def run_deferred(flow, perform, executor, hard_stop, on_timeout, reactor=None):
     """Drive the flow from the Twisted reactor: waits are reactor timers and each API call runs
-    briefly in `executor`, so a waiting user holds no thread and the reactor never blocks.
+    briefly in `executor`, so a waiting user holds no thread and the reactor never blocks. As in
+    run_blocking, a call is given up _CALL_GRACE after its timeout and the flow goes on; and
     `hard_stop` seconds from now the Deferred fires with on_timeout() whatever a call is doing."""
-    return _ReactorDriver(flow, perform, executor, hard_stop, on_timeout).result
+    return _ReactorDriver(flow, perform, executor, hard_stop, on_timeout, reactor).result
 
 
 class _ReactorDriver:
@@ -1178,14 +1194,16 @@ class _ReactorDriver:
     instead of leaving hundreds of them to Access Server's garbage collector, whose full
     collections stop the reactor."""
 
-    def __init__(self, flow, perform, executor, hard_stop, on_timeout):
-        from twisted.internet import reactor
+    def __init__(self, flow, perform, executor, hard_stop, on_timeout, reactor=None):
         from twisted.internet.defer import Deferred
 
+        if reactor is None:
+            from twisted.internet import reactor
         self.reactor, self.flow, self.perform, self.executor = reactor, flow, perform, executor
         self.on_timeout = on_timeout
         self.result = Deferred()
         self.done = False
+        self.pending = None  # the future of the call the flow waits for
         self.watchdog = reactor.callLater(max(0.0, hard_stop), self.expire)
         # The flow starts on the next reactor turn, not inside post_auth: when many logins arrive
         # in one turn, the first ones' API calls would otherwise already compete (requests works
@@ -1204,9 +1222,11 @@ class _ReactorDriver:
         for timer in (self.timer, self.watchdog):
             if timer is not None and timer.active():
                 timer.cancel()
-        self.timer = self.watchdog = None
+        if self.pending is not None:
+            self.pending.cancel()  # still queued behind other logins' calls: it never runs
+        self.timer = self.watchdog = self.pending = None
         flow, self.flow, self.perform, self.executor, self.on_timeout = self.flow, None, None, None, None
-        flow.close()
+        _close(flow)
         self.result.callback(verdict)
 
     def advance(self, value):
@@ -1215,6 +1235,8 @@ class _ReactorDriver:
             return
         try:
             effect = self.flow.send(value)
+            if not isinstance(effect, Sleep):
+                future = self.executor.submit(self.perform, effect)
         except StopIteration as stop:
             self.finish(stop.value)
             return
@@ -1224,18 +1246,31 @@ class _ReactorDriver:
         if isinstance(effect, Sleep):
             self.timer = self.reactor.callLater(effect.seconds, self.advance, None)
         else:
-            future = self.executor.submit(self.perform, effect)
+            self.pending = future
+            self.timer = self.reactor.callLater(effect.timeout + _CALL_GRACE, self.give_up, future, effect)
             future.add_done_callback(self.reply_arrived)
 
     def reply_arrived(self, future):  # in the HTTP thread
         self.reactor.callFromThread(self.replied, future)
 
     def replied(self, future):
-        try:
-            reply = future.result()
-        except Exception as exc:  # noqa: BLE001 - perform() does not raise; this is a last guard
-            reply = Reply(error=describe_transport_error(exc))
-        self.advance(reply)
+        if future is not self.pending:  # given up, or the login has ended
+            return
+        self.pending = None
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        # exception() first: result() would raise it here, and its traceback would tie this
+        # frame, the future and the driver into a cycle. perform() does not raise; a last guard.
+        failure = future.exception()
+        self.advance(future.result() if failure is None else Reply(error=describe_transport_error(failure)))
+
+    def give_up(self, future, call):
+        self.timer = None  # it has fired
+        if future is not self.pending:
+            return
+        self.pending = None
+        future.cancel()
+        self.advance(_unfinished(call))
 
 
 # =================================================================================================

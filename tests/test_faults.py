@@ -321,6 +321,33 @@ def test_dns_lookup_that_hangs_still_ends_by_the_deadline(fail_modes, monkeypatc
     check_failed_open(opened.result, opened.fake, FAST_DEADLINE, stage("lookup", "did not finish"), out)
 
 
+def test_call_that_hangs_is_given_up_and_the_login_goes_on(fake, access_server, monkeypatch):
+    """A call that requests cannot bound (here the first DNS lookup never answers) is given up
+    CALL_TIMEOUT + 0.5 s in, like an outage, and the flow goes on (the lookup is retried): in both
+    wait modes the login ends approved, well before the deadline. The hung lookup holds only one
+    of the script's HTTP threads, until it is released."""
+    release, hung = threading.Event(), []
+    resolve = socket.getaddrinfo
+
+    def first_hangs(host, *args, **kwargs):
+        if host == "localhost" and not hung:
+            hung.append(host)
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", first_hangs)
+    try:
+        result = access_server(url="http://localhost:%d" % fake.port, DEADLINE_SECONDS=8,
+                               CALL_TIMEOUT_SECONDS=1).login(username="alice")
+    finally:
+        release.set()
+    check_approved(result, fake, deadline=8)
+    assert hung == ["localhost"]
+    assert fake.counts["lookup"] == 1 and fake.counts["push"] == 1  # the hung lookup never reached iVALT
+    assert 1.5 <= result.elapsed < 5.0, result  # given up at 1.5 s, not held to the deadline
+
+
 # -------------------------------------------------------------------------------------------------
 # Host-level faults in the middle of a login: the host goes away after the lookup, or after the push
 # -------------------------------------------------------------------------------------------------

@@ -442,3 +442,123 @@ def test_blocking_driver_runs_the_whole_flow(m):
     assert verdict.outcome == "approved"
     assert [c.request.url.rsplit("/", 1)[1] for c in responses.calls] == [
         "get-user-by-email", "biometric-auth-request", "biometric-geo-fence-auth-results", "biometric-geo-fence-auth-results"]
+
+
+# ----------------------------------------------------------------------------- the deferred driver
+# run_deferred on a virtual clock: Twisted's task.Clock as the reactor, futures completed by hand.
+
+
+class VirtualReactor:
+    """task.Clock with callFromThread (it runs on the next advance(), as on the real reactor)."""
+
+    def __init__(self):
+        from twisted.internet import task
+
+        self.clock = task.Clock()
+        self.callLater = self.clock.callLater
+
+    def callFromThread(self, func, *args):
+        self.clock.callLater(0, func, *args)
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+
+    def pending(self):
+        return [call for call in self.clock.getDelayedCalls() if call.active()]
+
+
+class HandExecutor:
+    """submit() only records the call; the test starts and ends each future itself."""
+
+    def __init__(self):
+        self.futures = []
+
+    def submit(self, func, call):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.call = call
+        self.futures.append(future)
+        return future
+
+
+def drive(m, flow, hard_stop=30.0, executor=None):
+    reactor, executor = VirtualReactor(), executor or HandExecutor()
+    fired = []
+    deferred = m["run_deferred"](flow, None, executor, hard_stop, lambda: "hard stop", reactor)
+    deferred.addCallback(fired.append)
+    return reactor, executor, fired
+
+
+def test_deferred_driver_gives_up_a_call_that_hangs_and_the_flow_goes_on(m):
+    """As run_blocking does: a call is given up 0.5 s past its timeout, the flow gets an outage
+    for it and goes on; the hung call's late reply, if it ever comes, is ignored."""
+    replies = []
+
+    def flow():
+        replies.append((yield m["Call"]("lookup", {}, 1.0)))
+        replies.append((yield m["Call"]("lookup", {}, 1.0)))
+        return "verdict"
+
+    reactor, executor, fired = drive(m, flow())
+    reactor.advance(0)
+    hung = executor.futures[0]
+    hung.set_running_or_notify_cancel()  # its thread is stuck in it: it cannot be cancelled
+    reactor.advance(1.49)
+    assert replies == [] and len(executor.futures) == 1
+    reactor.advance(0.02)
+    assert replies[0].error.kind == "call did not finish" and "1.5s" in replies[0].error.detail
+    second = executor.futures[1]
+    second.set_running_or_notify_cancel()
+    second.set_result(m["Reply"](200))
+    reactor.advance(0)
+    assert replies[1].status == 200 and fired == ["verdict"]
+    hung.set_result(m["Reply"](200))  # the stuck call ends after all
+    reactor.advance(0)
+    assert fired == ["verdict"] and len(replies) == 2 and reactor.pending() == []
+
+
+def test_deferred_driver_at_the_hard_stop_fires_once_and_cancels_a_queued_call(m):
+    closed = []
+
+    def flow():
+        try:
+            yield m["Call"]("poll", {}, 10.0)
+        finally:
+            closed.append(True)
+
+    reactor, executor, fired = drive(m, flow(), hard_stop=2.0)
+    reactor.advance(0)
+    reactor.advance(2.0)
+    queued = executor.futures[0]
+    assert fired == ["hard stop"] and closed == [True]
+    assert queued.cancelled()  # still waiting for an HTTP thread: it will never run
+    assert reactor.pending() == []
+
+
+def test_deferred_driver_ends_the_login_when_a_call_cannot_be_started(m):
+    class ShutDown:
+        def submit(self, func, call):
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def flow():
+        yield m["Call"]("lookup", {}, 5.0)
+
+    reactor, _, fired = drive(m, flow(), executor=ShutDown())
+    reactor.advance(0)
+    assert len(fired) == 1 and fired[0].outcome == "internal_error" and "cannot schedule" in fired[0].detail
+    assert reactor.pending() == []
+
+
+def test_deferred_driver_keeps_the_verdict_when_the_flow_fails_to_close(m, capfd):
+    def flow():
+        try:
+            yield m["Sleep"](0.1)
+        finally:
+            raise ValueError("cleanup bug")
+
+    reactor, _, fired = drive(m, flow(), hard_stop=0.05)
+    reactor.advance(0)
+    reactor.advance(0.05)
+    assert fired == ["hard stop"] and reactor.pending() == []
+    assert "internal error while ending a login" in capfd.readouterr().out
