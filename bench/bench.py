@@ -42,6 +42,7 @@ import os
 import random
 import shutil
 import stat
+import statistics
 import sys
 import tempfile
 import threading
@@ -180,6 +181,13 @@ class Run:
         self.approvals = approvals  # seconds from push to answer, one per user
         self.log = log
         self.fake = RemoteFake(api_key=API_KEY) if FAKE_IN_CHILD[0] else FakeIvalt(api_key=API_KEY).start()
+        try:
+            self._prepare(workdir, overrides, budget, approvals, log)
+        except BaseException:
+            self.fake.stop()
+            raise
+
+    def _prepare(self, workdir, overrides, budget, approvals, log):
         for i, after in enumerate(approvals):
             _, email, mobile = user(i)
             self.fake.add_user(email, mobile, behaviour="approve", after=after)
@@ -449,8 +457,9 @@ def table(results, args):
     return "\n".join(out)
 
 
-def verdicts(results, n):
-    """[(passed, text)] for every target."""
+def verdicts(results, n, repeats=()):
+    """[(passed, text)] for every target. `repeats`: (stall, full GCs, longest) of every deferred
+    burst run, the table's included; the stall target holds for the worst of them."""
     checks = []
     ref = results["reference-like"]["latency"]
     for label in ("thread (ours)", "deferred (ours)"):
@@ -465,7 +474,9 @@ def verdicts(results, n):
     busy = burst["peak_busy_threads"] + burst["peak_http_threads"]
     checks.append((busy <= 10, "deferred burst: peak busy threads %d (<= 10): %d of Access Server's pool + %d of main.py's "
                    "HTTP threads" % (busy, burst["peak_busy_threads"], burst["peak_http_threads"])))
-    checks.append((burst["worst_stall_ms"] <= 50, "deferred burst: worst reactor stall %.1f ms (<= 50)" % burst["worst_stall_ms"]))
+    stall = max([burst["worst_stall_ms"]] + [run[0] for run in repeats])
+    checks.append((stall <= 50, "deferred burst: worst reactor stall %.1f ms (<= 50), the worst of %d runs"
+                   % (stall, max(1, len(repeats)))))
     for label, _ in CONFIGS:
         rate = results[label]["budget"]["max_rate_1s"]
         checks.append((rate <= LOW_BUDGET + BURST, "%s budget %d/s: busiest 1 s window %d requests (<= %d)"
@@ -519,7 +530,8 @@ def main(argv=None):
             results[label]["budget"] = scenario_burst(workdir, label, overrides, n, LOW_BUDGET, args.cap, log)
         # One burst is one sample of the stall, and a full GC landing in it decides it: repeat it.
         label, overrides = CONFIGS[2]
-        repeats = []
+        first = results[label]["burst"]
+        repeats = [(first["worst_stall_ms"], len(first["full_gc_ms"]), max(first["full_gc_ms"] or [0.0]))]
         for i in range(args.stall_repeats):
             progress("%s: burst again for the stall, %d of %d" % (label, i + 1, args.stall_repeats))
             again = scenario_burst(workdir, label, overrides, n, HIGH_BUDGET, args.cap, log)
@@ -539,15 +551,16 @@ def main(argv=None):
     print()
     print(table(results, args))
     print()
-    if repeats:
+    if len(repeats) > 1:
         stalls = sorted(stall for stall, _, _ in repeats)
         without_gc = [stall for stall, count, _ in repeats if not count]
-        print("deferred burst repeated %d times: worst reactor stall min %.1f / median %.1f / max %.1f ms; %d of "
-              "the runs had no full GC (their worst: %s); the others' full GCs took up to %.1f ms"
-              % (len(repeats), stalls[0], stalls[len(stalls) // 2], stalls[-1], len(without_gc),
-                 "%.1f ms" % max(without_gc) if without_gc else "-", max(longest for _, _, longest in repeats)))
+        with_gc = ["%.1f ms (stall %.1f ms)" % (longest, stall) for stall, count, longest in repeats if count]
+        print("deferred burst, %d runs (the table's and %d more): worst reactor stall min %.1f / median %.1f / max "
+              "%.1f ms; %d of the runs had no full GC (their worst: %s); longest full GC of the others: %s"
+              % (len(repeats), len(repeats) - 1, stalls[0], statistics.median(stalls), stalls[-1], len(without_gc),
+                 "%.1f ms" % max(without_gc) if without_gc else "-", ", ".join(with_gc) or "-"))
         print()
-    checks = verdicts(results, n)
+    checks = verdicts(results, n, repeats)
     for passed, text in checks:
         print("%s  %s" % ("PASS" if passed else "FAIL", text))
     print()
@@ -557,7 +570,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(finite({"quick": args.quick, "seed": SEED, "approvals_s": approvals, "total_s": total,
-                              "stall_repeats": repeats,
+                              "deferred_burst_runs": [{"worst_stall_ms": s, "full_gcs": c, "longest_full_gc_ms": g} for s, c, g in repeats],
                               "results": results, "checks": [{"passed": p, "target": t} for p, t in checks]}),
                       handle, indent=2)
     return 0 if all(p for p, _ in checks) else 1

@@ -28,6 +28,7 @@ Standard library only; importable by Python 3.8.
 """
 
 import collections
+import copy
 import http.server
 import json
 import multiprocessing
@@ -815,10 +816,8 @@ def _serve_remote(conn, api_key):
                 break
             try:
                 if name == "_get":
-                    value = getattr(fake, args[0])
-                    if isinstance(value, dict):  # a snapshot, taken under the fake's lock
-                        with fake._lock:
-                            value = dict(value)
+                    with fake._lock:  # a snapshot: the server's threads change these
+                        value = copy.deepcopy(getattr(fake, args[0]))
                 else:
                     value = getattr(fake, name)(*args, **kwargs)
                 conn.send(("ok", value))
@@ -834,38 +833,63 @@ class RemoteFake:
 
     Inside Access Server the API's own work (parsing, logging, its threads) takes none of
     the server's CPU time, GIL or heap; an in-process fake would charge all of that to the
-    reactor being measured.  The benchmark uses this.  Methods are called over a pipe:
-    ``add_user``, ``answer_due_at``, ``max_rate``, ``deny_unpushed``, ``inject``,
-    ``clear_faults``, ``reset_counts``; ``get(name)`` reads a public attribute (dicts are
-    copied under the fake's lock).  Times are time.monotonic(), the same clock in both
-    processes on Linux.
+    reactor being measured.  The benchmark uses this.  The methods in METHODS are called over
+    a pipe; ``get(name)`` reads a public attribute (a copy taken under the fake's lock);
+    ``counts`` is ``get("counts")``.  Times are time.monotonic(), the same clock in both
+    processes on Linux.  A child that dies or does not answer in time breaks the link: that
+    call and every later one raise RuntimeError, so no answer is ever read as another's.
     """
+
+    METHODS = ("add_user", "answer_due_at", "max_rate", "deny_unpushed", "inject", "clear_faults", "reset_counts")
 
     def __init__(self, api_key="test-key", timeout=20.0):
         context = multiprocessing.get_context("spawn")  # never fork a process running threads
         self._conn, child_conn = context.Pipe()
         self._lock = threading.Lock()
         self._timeout = timeout
+        self._broken = None  # why the link is no longer usable
         self._process = context.Process(target=_serve_remote, args=(child_conn, api_key),
                                         name="fake-ivalt", daemon=True)
         self._process.start()
         child_conn.close()
-        self.url = self._reply("start")
+        try:
+            with self._lock:
+                self.url = self._reply("start")
+        except BaseException:
+            self.stop()
+            raise
 
     def _reply(self, what):
-        if not self._conn.poll(self._timeout):
-            raise RuntimeError("the fake iVALT process did not answer %s within %.0f s" % (what, self._timeout))
-        status, value = self._conn.recv()
+        """The answer to the message just sent (the caller holds the lock)."""
+        try:
+            if not self._conn.poll(self._timeout):
+                raise RuntimeError("did not answer %s within %.0f s" % (what, self._timeout))
+            status, value = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._broken = "the fake iVALT process is gone (exit code %s): %s" % (
+                self._process.exitcode, type(exc).__name__)
+            raise RuntimeError(self._broken) from None
+        except RuntimeError as exc:
+            self._broken = "the fake iVALT process %s" % exc
+            raise RuntimeError(self._broken) from None
         if status != "ok":
             raise RuntimeError("the fake iVALT process: %s" % value)
         return value
 
     def _call(self, name, *args, **kwargs):
         with self._lock:
-            self._conn.send((name, args, kwargs))
+            if self._broken:
+                raise RuntimeError(self._broken)
+            try:
+                self._conn.send((name, args, kwargs))
+            except OSError as exc:
+                self._broken = "the fake iVALT process is gone: %s" % type(exc).__name__
+                raise RuntimeError(self._broken) from None
             return self._reply(name)
 
     def get(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return self._call("_get", name)
 
     @property
@@ -873,24 +897,27 @@ class RemoteFake:
         return self.get("counts")
 
     def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
+        if name not in RemoteFake.METHODS:
+            raise AttributeError("RemoteFake has no %r (methods: %s; attributes: get(name))"
+                                 % (name, ", ".join(RemoteFake.METHODS)))
         return lambda *args, **kwargs: self._call(name, *args, **kwargs)
 
     def stop(self):
-        if self._process is None:
-            return
-        try:
-            with self._lock:
-                self._conn.send(("_exit", (), {}))
-        except OSError:
-            pass
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5)
-        self._conn.close()
-        self._process = None
+        with self._lock:
+            if self._process is None:
+                return
+            if not self._broken:  # a broken link may not be read: do not wait for the child
+                try:
+                    self._conn.send(("_exit", (), {}))
+                    self._process.join(10)
+                except OSError:
+                    pass
+            self._broken = "the fake iVALT process was stopped"
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(5)
+            self._conn.close()
+            self._process = None
 
     def __enter__(self):
         return self

@@ -414,12 +414,27 @@ def test_remote_fake_serves_from_a_child_process(session):
         assert remote.deny_unpushed() == 0
         with pytest.raises(RuntimeError, match="ValueError: behaviour must be one of"):
             remote.add_user("x@example.com", "+15550000000", behaviour="nonsense")
+        with pytest.raises(AttributeError, match="get\\(name\\)"):
+            remote.pushes_delivered  # noqa: B018 - an attribute is read with get(), never as a method
         with pytest.raises(RuntimeError, match="AttributeError"):
-            remote.no_such_method()
+            remote.get("no_such_attribute")
         url = remote.url
     remote.stop()  # a second stop is harmless
     with pytest.raises(requests.ConnectionError):
         session.post(url + ENDPOINT_PATHS["lookup"], json={"email": ALICE}, timeout=2)
+
+
+def test_remote_fake_whose_child_died_says_so_on_every_call():
+    remote = RemoteFake(api_key=KEY)
+    remote._process.kill()
+    remote._process.join(5)
+    for _ in range(2):  # the link stays broken: no later call reads an answer meant for another
+        with pytest.raises(RuntimeError, match="fake iVALT process is gone"):
+            remote.max_rate(1.0)
+    remote.stop()
+    remote.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        remote.reset_counts()
 
 
 def test_inject_validates_arguments(fake):
