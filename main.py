@@ -1143,6 +1143,14 @@ def _close(flow):
         _log("warning", "internal error while ending a login", detail=_clean(repr(exc), 160))
 
 
+def _reply_of(future):
+    """The Reply of a finished call. perform() does not raise; if it did, that is a transport error.
+    exception() before result(): result() would raise it, and its traceback would tie the
+    caller's frame and the future into a reference cycle."""
+    failure = future.exception()
+    return future.result() if failure is None else Reply(error=describe_transport_error(failure))
+
+
 def _unfinished(call):
     """What a driver hands the flow for a call it gave up waiting for: an outage like any other."""
     return Reply(error=TransportError("call did not finish", "within %.1fs (a DNS lookup that hangs?)"
@@ -1158,6 +1166,12 @@ def run_blocking(flow, perform, sleep=time.sleep, executor=None):
         while True:
             try:
                 effect = flow.send(value)
+                future = None
+                if isinstance(effect, Call):
+                    if executor is not None:
+                        future = executor.submit(perform, effect)
+                elif not isinstance(effect, Sleep):
+                    raise TypeError("the flow yielded a %s" % type(effect).__name__)
             except StopIteration:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed and logged
@@ -1165,15 +1179,16 @@ def run_blocking(flow, perform, sleep=time.sleep, executor=None):
             if isinstance(effect, Sleep):
                 sleep(effect.seconds)
                 value = None
-            elif executor is None:
+            elif future is None:
                 value = perform(effect)
             else:
-                future = executor.submit(perform, effect)
                 try:
-                    value = future.result(timeout=effect.timeout + _CALL_GRACE)
-                except Exception:  # noqa: BLE001 - a timeout (or a bug in perform): no answer to this call
+                    future.exception(timeout=effect.timeout + _CALL_GRACE)  # waits; raises if not done
+                except Exception:  # noqa: BLE001 - not done in time: no answer to this call
                     future.cancel()  # if it is still queued behind other logins' calls, it never runs
                     value = _unfinished(effect)
+                else:
+                    value = _reply_of(future)
     except StopIteration as stop:
         return stop.value
     finally:
@@ -1203,7 +1218,7 @@ class _ReactorDriver:
         self.on_timeout = on_timeout
         self.result = Deferred()
         self.done = False
-        self.pending = None  # the future of the call the flow waits for
+        self.pending = self.call = None  # the future of the call the flow waits for, and that call
         self.watchdog = reactor.callLater(max(0.0, hard_stop), self.expire)
         # The flow starts on the next reactor turn, not inside post_auth: when many logins arrive
         # in one turn, the first ones' API calls would otherwise already compete (requests works
@@ -1212,8 +1227,13 @@ class _ReactorDriver:
 
     def expire(self):
         self.watchdog = None  # it has fired
-        if not self.done:
-            self.finish(self.on_timeout())
+        if self.done:
+            return
+        try:
+            verdict = self.on_timeout()
+        except Exception as exc:  # noqa: BLE001 - the hard stop must end the login whatever
+            verdict = Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160))
+        self.finish(verdict)
 
     def finish(self, verdict):
         if self.done:
@@ -1224,7 +1244,7 @@ class _ReactorDriver:
                 timer.cancel()
         if self.pending is not None:
             self.pending.cancel()  # still queued behind other logins' calls: it never runs
-        self.timer = self.watchdog = self.pending = None
+        self.timer = self.watchdog = self.pending = self.call = None
         flow, self.flow, self.perform, self.executor, self.on_timeout = self.flow, None, None, None, None
         _close(flow)
         self.result.callback(verdict)
@@ -1233,22 +1253,21 @@ class _ReactorDriver:
         self.timer = None
         if self.done:
             return
-        try:
+        try:  # everything that can fail in here ends the login, closed: nothing escapes to the reactor
             effect = self.flow.send(value)
-            if not isinstance(effect, Sleep):
-                future = self.executor.submit(self.perform, effect)
+            if isinstance(effect, Sleep):
+                self.timer = self.reactor.callLater(effect.seconds, self.advance, None)
+            elif isinstance(effect, Call):
+                self.pending, self.call = self.executor.submit(self.perform, effect), effect
+                self.timer = self.reactor.callLater(max(0.0, effect.timeout + _CALL_GRACE), self.give_up,
+                                                    self.pending)
+                self.pending.add_done_callback(self.reply_arrived)
+            else:
+                raise TypeError("the flow yielded a %s" % type(effect).__name__)
         except StopIteration as stop:
             self.finish(stop.value)
-            return
         except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed
             self.finish(Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160)))
-            return
-        if isinstance(effect, Sleep):
-            self.timer = self.reactor.callLater(effect.seconds, self.advance, None)
-        else:
-            self.pending = future
-            self.timer = self.reactor.callLater(effect.timeout + _CALL_GRACE, self.give_up, future, effect)
-            future.add_done_callback(self.reply_arrived)
 
     def reply_arrived(self, future):  # in the HTTP thread
         self.reactor.callFromThread(self.replied, future)
@@ -1256,19 +1275,16 @@ class _ReactorDriver:
     def replied(self, future):
         if future is not self.pending:  # given up, or the login has ended
             return
-        self.pending = None
+        call, self.pending, self.call = self.call, None, None
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        # exception() first: result() would raise it here, and its traceback would tie this
-        # frame, the future and the driver into a cycle. perform() does not raise; a last guard.
-        failure = future.exception()
-        self.advance(future.result() if failure is None else Reply(error=describe_transport_error(failure)))
+        self.advance(_unfinished(call) if future.cancelled() else _reply_of(future))
 
-    def give_up(self, future, call):
+    def give_up(self, future):
         self.timer = None  # it has fired
         if future is not self.pending:
             return
-        self.pending = None
+        call, self.pending, self.call = self.call, None, None
         future.cancel()
         self.advance(_unfinished(call))
 

@@ -562,3 +562,82 @@ def test_deferred_driver_keeps_the_verdict_when_the_flow_fails_to_close(m, capfd
     reactor.advance(0.05)
     assert fired == ["hard stop"] and reactor.pending() == []
     assert "internal error while ending a login" in capfd.readouterr().out
+
+
+def test_deferred_driver_ends_the_login_when_a_future_is_cancelled_elsewhere(m):
+    """A call whose future someone else cancelled is an unfinished call, as in run_blocking."""
+    replies = []
+
+    def flow():
+        replies.append((yield m["Call"]("poll", {}, 5.0)))
+        return "verdict"
+
+    reactor, executor, fired = drive(m, flow())
+    reactor.advance(0)
+    executor.futures[0].cancel()
+    reactor.advance(0)
+    assert replies[0].error.kind == "call did not finish" and fired == ["verdict"] and reactor.pending() == []
+
+
+def test_deferred_driver_hard_stop_holds_even_if_on_timeout_fails(m):
+    def flow():
+        while True:
+            yield m["Sleep"](1.0)
+
+    def broken():
+        raise KeyError("push_confirmed")
+
+    reactor, fired = VirtualReactor(), []
+    m["run_deferred"](flow(), None, HandExecutor(), 2.0, broken, reactor).addCallback(fired.append)
+    reactor.advance(0)
+    for _ in range(3):
+        reactor.advance(1.0)
+    assert len(fired) == 1 and fired[0].outcome == "internal_error" and "push_confirmed" in fired[0].detail
+    assert reactor.pending() == []
+
+
+class ThreadExecutor:
+    """A real pool, closed after the test."""
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(2)
+        return self.pool
+
+    def __exit__(self, *exc_info):
+        self.pool.shutdown(wait=True)
+
+
+def test_drivers_end_the_login_on_an_effect_that_is_neither_call_nor_sleep(m):
+    def flow():
+        yield "junk"
+
+    with ThreadExecutor() as pool:
+        blocking = m["run_blocking"](flow(), None, executor=pool)
+    reactor, _, fired = drive(m, flow())
+    reactor.advance(0)
+    for verdict in (blocking, fired[0]):
+        assert verdict.outcome == "internal_error" and "yielded a str" in verdict.detail
+    assert len(fired) == 1 and reactor.pending() == []
+
+
+def test_drivers_hand_the_flow_the_same_reply_when_perform_raises(m):
+    """perform() does not raise by design; if it ever did, both drivers say so the same way."""
+    def perform(call):
+        raise OSError("perform bug")
+
+    def flow(seen):
+        seen.append((yield m["Call"]("lookup", {}, 5.0)))
+        return "verdict"
+
+    blocking, deferred = [], []
+    with ThreadExecutor() as pool:
+        assert m["run_blocking"](flow(blocking), perform, executor=pool) == "verdict"
+        reactor, fired = VirtualReactor(), []
+        m["run_deferred"](flow(deferred), perform, pool, 30.0, lambda: "hard stop", reactor).addCallback(fired.append)
+        reactor.advance(0)
+        pool.shutdown(wait=True)  # the call has run
+        reactor.advance(0)
+    assert fired == ["verdict"]
+    assert blocking[0].error.kind == deferred[0].error.kind and blocking[0].error.kind != "call did not finish"
