@@ -1151,6 +1151,11 @@ def _reply_of(future):
     return future.result() if failure is None else Reply(error=describe_transport_error(failure))
 
 
+def _internal_error(text):
+    """The verdict of a bug (in the flow, a driver or Twisted): the login fails closed, and says why."""
+    return Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(text, 160))
+
+
 def _unfinished(call):
     """What a driver hands the flow for a call it gave up waiting for: an outage like any other."""
     return Reply(error=TransportError("call did not finish", "within %.1fs (a DNS lookup that hangs?)"
@@ -1175,7 +1180,7 @@ def run_blocking(flow, perform, sleep=time.sleep, executor=None):
             except StopIteration:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed and logged
-                return Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160))
+                return _internal_error(repr(exc))
             if isinstance(effect, Sleep):
                 sleep(effect.seconds)
                 value = None
@@ -1232,7 +1237,7 @@ class _ReactorDriver:
         try:
             verdict = self.on_timeout()
         except Exception as exc:  # noqa: BLE001 - the hard stop must end the login whatever
-            verdict = Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160))
+            verdict = _internal_error(repr(exc))
         self.finish(verdict)
 
     def finish(self, verdict):
@@ -1267,7 +1272,7 @@ class _ReactorDriver:
         except StopIteration as stop:
             self.finish(stop.value)
         except Exception as exc:  # noqa: BLE001 - a bug in the flow still ends the login, closed
-            self.finish(Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(repr(exc), 160)))
+            self.finish(_internal_error(repr(exc)))
 
     def reply_arrived(self, future):  # in the HTTP thread
         self.reactor.callFromThread(self.replied, future)
@@ -1440,9 +1445,7 @@ def _post_auth(authcred, attributes, authret, info, started):
                             "deadline" % (attempt.step or "lookup"), fail_open_eligible=not attempt.push_confirmed),
         )
         deferred.addCallback(lambda verdict: _conclude(authret, verdict, context, attempt))
-        deferred.addErrback(lambda failure: _conclude(
-            authret, Verdict(INTERNAL_ERROR, "internal error: %s" % _clean(failure.getErrorMessage(), 160)),
-            context, attempt))
+        deferred.addErrback(lambda failure: _conclude(authret, _internal_error(failure.getErrorMessage()), context, attempt))
         return deferred
     return _conclude(authret, run_blocking(flow, _API.perform, executor=_executor()), context, attempt)
 

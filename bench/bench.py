@@ -41,7 +41,6 @@ import math
 import os
 import random
 import shutil
-import stat
 import statistics
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from asemu import (  # noqa: E402 - after the sys.path change
     load_script,
     wait_pool_idle,
 )
+from conftest import write_config  # noqa: E402 - the tests' config writer, 0600 like an admin's
 from fake_ivalt import FakeIvalt, RemoteFake  # noqa: E402
 
 MAIN = os.path.join(ROOT, "main.py")
@@ -114,15 +114,6 @@ def fmt_s(value, cap=None):
 # -------------------------------------------------------------------------------------------------
 # one configuration, one scenario
 # -------------------------------------------------------------------------------------------------
-
-
-def write_config(path, **settings):
-    with open(path, "w") as handle:
-        handle.write('"""Benchmark configuration."""\n')
-        for name, value in settings.items():
-            handle.write("%s = %r\n" % (name, value))
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    return path
 
 
 def user(i):
@@ -475,7 +466,7 @@ def verdicts(results, n, repeats=()):
     checks.append((busy <= 10, "deferred burst: peak busy threads %d (<= 10): %d of Access Server's pool + %d of main.py's "
                    "HTTP threads" % (busy, burst["peak_busy_threads"], burst["peak_http_threads"])))
     stall = max([burst["worst_stall_ms"]] + [run[0] for run in repeats])
-    checks.append((stall <= 50, "deferred burst: worst reactor stall %.1f ms (<= 50), the worst of %d runs"
+    checks.append((stall <= 50, "deferred burst: worst reactor stall %.1f ms (<= 50), the worst of %d run(s)"
                    % (stall, max(1, len(repeats)))))
     for label, _ in CONFIGS:
         rate = results[label]["budget"]["max_rate_1s"]

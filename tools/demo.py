@@ -7,7 +7,6 @@ Access Server does it (tests/asemu.py), talking real HTTP to the fake iVALT API 
 
 import argparse
 import os
-import stat
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from asemu import SUCCEED, AccessServer, load_script  # noqa: E402
+from conftest import write_config  # noqa: E402 - the tests' config writer, 0600 like an admin's
 from fake_ivalt import FakeIvalt  # noqa: E402
 
 KEY = "demo-secret-key-0001"
@@ -40,12 +40,9 @@ def main():
         for _, email, mobile, behaviour, after in USERS:
             if email:
                 fake.add_user(email, mobile, behaviour=behaviour, after=after)
-        config = os.path.join(folder, "ivalt_config.py")
-        with open(config, "w") as handle:
-            handle.write("IVALT_SECRET_KEY = %r\nIVALT_API_URL = %r\nEMAIL_DOMAIN = 'example.com'\n"
-                         "DEADLINE_SECONDS = %r\nWAIT_MODE = %r\n"
-                         % (KEY, fake.url, args.deadline, "deferred" if args.deferred else "thread"))
-        os.chmod(config, stat.S_IRUSR | stat.S_IWUSR)
+        config = write_config(os.path.join(folder, "ivalt_config.py"), IVALT_SECRET_KEY=KEY, IVALT_API_URL=fake.url,
+                              EMAIL_DOMAIN="example.com", DEADLINE_SECONDS=args.deadline,
+                              WAIT_MODE="deferred" if args.deferred else "thread")
         script = load_script(os.path.join(ROOT, "main.py"), env={"IVALT_CONFIG": config})
         server = AccessServer(script)
         print("fake iVALT API at %s; %d logins arrive at once (WAIT_MODE %s, deadline %gs)\n"
